@@ -1,0 +1,13 @@
+"""ema_jax: pycls's normalized exponential moving average of weights, for JAX/Flax."""
+
+from ema_jax._transform import EmaState
+from ema_jax._transform import NormalizedEma
+from ema_jax._transform import normalized_ema
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EmaState",
+    "NormalizedEma",
+    "normalized_ema",
+]
