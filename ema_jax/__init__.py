@@ -1,5 +1,6 @@
 """ema_jax: pycls's normalized exponential moving average of weights, for JAX/Flax."""
 
+from ema_jax._train_state import EmaTrainState
 from ema_jax._transform import EmaState
 from ema_jax._transform import NormalizedEma
 from ema_jax._transform import normalized_ema
@@ -8,6 +9,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "EmaState",
+    "EmaTrainState",
     "NormalizedEma",
     "normalized_ema",
 ]

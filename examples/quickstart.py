@@ -15,8 +15,12 @@ def main() -> None:
     # pycls's CIFAR recipe: EMA_ALPHA 2.5e-4, batch 128, 100 epochs, update every 32 steps.
     steps_per_epoch = 390
     ema = ema_jax.normalized_ema(
-        ema_alpha=2.5e-4, batch_size=128, max_epoch=100, update_period=32,
-        warmup_epochs=1, steps_per_epoch=steps_per_epoch,
+        ema_alpha=2.5e-4,
+        batch_size=128,
+        max_epoch=100,
+        update_period=32,
+        warmup_epochs=1,
+        steps_per_epoch=steps_per_epoch,
     )
     print(f"per-update alpha: {ema.alpha:.5f}")
 
