@@ -26,7 +26,7 @@ def _is_int(value: Any) -> bool:
 
 def _plain(value: numbers.Real) -> float:
     """A NumPy scalar as the Python int or float of the same value."""
-    return int(value) if _is_int(value) else float(value)
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
 def check_nonnegative_real(name: str, value: Any) -> float:

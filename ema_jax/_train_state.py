@@ -97,7 +97,7 @@ class EmaTrainState(train_state.TrainState):
         )
 
     @classmethod
-    def create(
+    def create(  # type: ignore[override]  # `ema` is required: it is what this class adds
         cls,
         *,
         apply_fn: Any,

@@ -164,12 +164,11 @@ class NormalizedEma:
         step = optax.safe_increment(state.step)
         if self.update_period == 0:
             return state._replace(step=step)
-        i = state.step
-        cur_iter = i if self.steps_per_epoch is None else i % self.steps_per_epoch
+        i, spe = state.step, self.steps_per_epoch
+        cur_iter = i if spe is None else i % spe
         is_update = cur_iter % self.update_period == 0
-        warm = None
-        if self.warmup_epochs > 0:
-            warm = i // self.steps_per_epoch < self.warmup_epochs
+        # warmup_epochs > 0 implies steps_per_epoch (checked at construction).
+        warm = i // spe < self.warmup_epochs if spe is not None and self.warmup_epochs else None
 
         def fold(params: PyTree, ema: PyTree) -> tuple[PyTree, jax.Array]:
             return self._fold(params, ema, warm)
