@@ -21,7 +21,9 @@ class EmaState(NamedTuple):
 
     Attributes:
       step: optimizer steps seen so far, i.e. calls of ``update``; saturates at
-        ``2**31 - 1`` instead of wrapping.
+        ``2**31 - 1`` instead of wrapping (past it, every call does what the call at
+        step ``2**31 - 1`` did: the cadence needs an exact count, and an int32 holds
+        68 years of training at 1 step per second).
       ema: the moving average, a pytree shaped like the parameters.
       nonfinite_updates: with ``skip_nonfinite=True``, the updates at which some
         parameter entry was NaN or Inf (those entries kept their previous EMA
