@@ -35,6 +35,14 @@ class EmaState(NamedTuple):
     nonfinite_updates: jax.Array  # shape=(), int32
 
 
+_ARRAY_TYPES = (jax.Array, np.ndarray, np.generic, int, float)
+
+
+def _is_numeric(x: Any) -> bool:
+    dtype = x.dtype if hasattr(x, "dtype") else np.result_type(x)
+    return bool(jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_))
+
+
 def _is_float(x: Any) -> bool:
     return jnp.issubdtype(jnp.result_type(x), jnp.floating)
 
@@ -139,6 +147,13 @@ class NormalizedEma:
         The copy owns its buffers, so donating ``params`` later never frees the EMA.
         """
 
+        for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
+            if not isinstance(p, _ARRAY_TYPES) or not _is_numeric(p):
+                raise TypeError(
+                    f"params{jax.tree_util.keystr(path)} must be a numeric array, got"
+                    f" {type(p).__name__} {p!r:.60}"
+                )
+
         def copy_leaf(p: Any) -> jax.Array:
             dtype = self.ema_dtype if self.ema_dtype is not None and _is_float(p) else None
             return jnp.array(p, dtype=dtype, copy=True)
@@ -162,6 +177,11 @@ class NormalizedEma:
         calls leave the EMA untouched and cost next to nothing (``lax.cond``).
         ``step`` always advances.
         """
+        if not isinstance(state, EmaState):
+            raise TypeError(
+                f"state must be the EmaState that init returned, got {type(state).__name__}"
+                " (the order is update(params, state))"
+            )
         params = _check_params_match(params, state.ema)
         step = optax.safe_increment(state.step)
         if self.update_period == 0:

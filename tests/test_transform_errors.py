@@ -6,6 +6,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import ema_jax
@@ -91,3 +92,21 @@ def test_params_that_do_not_fit_the_ema_name_the_first_difference(params, text, 
     update = jax.jit(EMA.update) if jit else EMA.update
     with pytest.raises(ValueError, match=re.escape(text)):
         update(params, STATE)
+
+
+@pytest.mark.parametrize(
+    ("params", "text"),
+    [
+        ({"a": "x"}, "params['a'] must be a numeric array, got str"),
+        ({"a": [1.0, object()]}, "params['a'][1] must be a numeric array, got object"),
+        ({"a": np.array(["x"])}, "params['a'] must be a numeric array, got ndarray"),
+    ],
+)
+def test_init_refuses_leaves_that_are_not_numeric_arrays(params, text):
+    with pytest.raises(TypeError, match=re.escape(text)):
+        EMA.init(params)
+
+
+def test_update_with_arguments_swapped_says_so():
+    with pytest.raises(TypeError, match=re.escape("the order is update(params, state)")):
+        EMA.update(STATE, STATE.ema)
