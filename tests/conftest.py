@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -34,3 +36,15 @@ def make_trajectory(
 @pytest.fixture
 def trajectory() -> list[dict[str, np.ndarray]]:
     return make_trajectory(40)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Counts the bad-input catalogue's cases, as issue 7 asks."""
+    passed = terminalreporter.stats.get("passed", [])
+    cases = [r for r in passed if "test_bad_input_raises_a_clear_error[" in r.nodeid]
+    if cases:
+        entries = {r.nodeid.split("[", 1)[1].split(":", 1)[0] for r in cases}
+        terminalreporter.write_line(
+            f"bad-input catalogue: {len(cases)} cases passed across {len(entries)}"
+            f" entry points ({', '.join(sorted(entries))})"
+        )

@@ -1,0 +1,387 @@
+"""The bad-input catalogue: every public entry point, every way to hold it wrong.
+
+Each case names the entry point, what is wrong, the exact exception type and a
+piece of the message that names the culprit. The count is printed at the end of
+the test run (see conftest.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from models import BnNet
+from models import Mlp
+from models import make_state
+
+import ema_jax
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    entry: str  # the public entry point
+    what: str  # what is wrong with the input
+    call: Callable[[], Any]
+    error: type[Exception]
+    text: str  # must appear in the message, verbatim
+
+    @property
+    def id(self) -> str:
+        return f"{self.entry}: {self.what}"
+
+
+GOOD = dict(ema_alpha=1e-5, batch_size=128, max_epoch=200)
+EMA = ema_jax.normalized_ema(**GOOD)
+TREE = {"dense": {"w": jnp.zeros((2, 3)), "b": jnp.zeros(3)}, "n": jnp.zeros((), jnp.int32)}
+STATE = EMA.init(TREE)
+
+
+def construct(**override: Any) -> Callable[[], Any]:
+    return lambda: ema_jax.normalized_ema(**(GOOD | override))
+
+
+def update_with(tree: Any, state: Any = STATE) -> Callable[[], Any]:
+    return lambda: jax.jit(EMA.update)(tree, state)
+
+
+def swap(tree: dict, path: tuple[str, ...], value: Any) -> dict:
+    out = jax.tree.map(lambda x: x, tree)
+    node = out
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    return out
+
+
+TRANSFORM_CASES = [
+    Case(
+        "normalized_ema",
+        "negative ema_alpha",
+        construct(ema_alpha=-1e-5),
+        ValueError,
+        "ema_alpha must be a finite number >= 0, got -1e-05",
+    ),
+    Case(
+        "normalized_ema",
+        "NaN ema_alpha",
+        construct(ema_alpha=float("nan")),
+        ValueError,
+        "ema_alpha must be a finite number >= 0, got nan",
+    ),
+    Case(
+        "normalized_ema",
+        "infinite ema_alpha",
+        construct(ema_alpha=float("inf")),
+        ValueError,
+        "ema_alpha must be a finite number >= 0, got inf",
+    ),
+    Case(
+        "normalized_ema",
+        "string ema_alpha",
+        construct(ema_alpha="1e-5"),
+        ValueError,
+        "ema_alpha must be a finite number >= 0, got '1e-5'",
+    ),
+    Case(
+        "normalized_ema",
+        "zero batch_size",
+        construct(batch_size=0),
+        ValueError,
+        "batch_size must be a finite number > 0, got 0",
+    ),
+    Case(
+        "normalized_ema",
+        "negative batch_size",
+        construct(batch_size=-128),
+        ValueError,
+        "batch_size must be a finite number > 0, got -128",
+    ),
+    Case(
+        "normalized_ema",
+        "None batch_size",
+        construct(batch_size=None),
+        ValueError,
+        "batch_size must be a finite number > 0, got None",
+    ),
+    Case(
+        "normalized_ema",
+        "bool batch_size",
+        construct(batch_size=True),
+        ValueError,
+        "batch_size must be a finite number > 0, got True",
+    ),
+    Case(
+        "normalized_ema",
+        "zero max_epoch",
+        construct(max_epoch=0),
+        ValueError,
+        "max_epoch must be a finite number > 0, got 0",
+    ),
+    Case(
+        "normalized_ema",
+        "infinite max_epoch",
+        construct(max_epoch=float("inf")),
+        ValueError,
+        "max_epoch must be a finite number > 0, got inf",
+    ),
+    Case(
+        "normalized_ema",
+        "negative update_period",
+        construct(update_period=-1),
+        ValueError,
+        "update_period must be an integer in [0, 2**31 - 1], got -1",
+    ),
+    Case(
+        "normalized_ema",
+        "fractional update_period",
+        construct(update_period=2.5),
+        ValueError,
+        "update_period must be an integer in [0, 2**31 - 1], got 2.5",
+    ),
+    Case(
+        "normalized_ema",
+        "update_period past int32",
+        construct(update_period=2**31),
+        ValueError,
+        "update_period must be an integer in [0, 2**31 - 1], got 2147483648",
+    ),
+    Case(
+        "normalized_ema",
+        "negative warmup_epochs",
+        construct(warmup_epochs=-1, steps_per_epoch=10),
+        ValueError,
+        "warmup_epochs must be an integer in [0, 2**31 - 1], got -1",
+    ),
+    Case(
+        "normalized_ema",
+        "warmup without steps_per_epoch",
+        construct(warmup_epochs=2),
+        ValueError,
+        "warmup_epochs=2 needs steps_per_epoch",
+    ),
+    Case(
+        "normalized_ema",
+        "zero steps_per_epoch",
+        construct(steps_per_epoch=0),
+        ValueError,
+        "steps_per_epoch must be an integer in [1, 2**31 - 1], got 0",
+    ),
+    Case(
+        "normalized_ema",
+        "float steps_per_epoch",
+        construct(steps_per_epoch=3.0),
+        ValueError,
+        "steps_per_epoch must be an integer in [1, 2**31 - 1], got 3.0",
+    ),
+    Case(
+        "normalized_ema",
+        "unknown rule",
+        construct(rule="cosine"),
+        ValueError,
+        "rule must be one of ('linear', 'exact'), got 'cosine'",
+    ),
+    Case(
+        "normalized_ema",
+        "integer ema_dtype",
+        construct(ema_dtype=jnp.int32),
+        ValueError,
+        "ema_dtype must be a floating dtype or None, got",
+    ),
+    Case(
+        "normalized_ema",
+        "unknown ema_dtype",
+        construct(ema_dtype="not-a-dtype"),
+        ValueError,
+        "ema_dtype must be a floating dtype or None, got 'not-a-dtype'",
+    ),
+    Case(
+        "normalized_ema",
+        "string skip_nonfinite",
+        construct(skip_nonfinite="yes"),
+        ValueError,
+        "skip_nonfinite must be a bool, got 'yes'",
+    ),
+    Case(
+        "normalized_ema",
+        "positional hyperparameters",
+        lambda: ema_jax.normalized_ema(1e-5, 128, 200),
+        TypeError,
+        "positional argument",
+    ),
+    Case(
+        "NormalizedEma.init",
+        "string leaf",
+        lambda: EMA.init({"a": "x"}),
+        TypeError,
+        "params['a'] must be a numeric array, got str",
+    ),
+    Case(
+        "NormalizedEma.init",
+        "object leaf",
+        lambda: EMA.init({"a": [1.0, object()]}),
+        TypeError,
+        "params['a'][1] must be a numeric array, got object",
+    ),
+    Case(
+        "NormalizedEma.init",
+        "array of strings",
+        lambda: EMA.init({"a": np.array(["x"])}),
+        TypeError,
+        "params['a'] must be a numeric array, got ndarray",
+    ),
+    Case(
+        "NormalizedEma.update",
+        "a leaf missing",
+        update_with({"dense": {"w": jnp.zeros((2, 3))}, "n": jnp.zeros((), jnp.int32)}),
+        ValueError,
+        "params lacks the EMA's leaf ema['dense']['b']",
+    ),
+    Case(
+        "NormalizedEma.update",
+        "an extra leaf",
+        update_with(swap(TREE, ("dense", "c"), jnp.zeros(1))),
+        ValueError,
+        "params['dense']['c'] has no EMA leaf",
+    ),
+    Case(
+        "NormalizedEma.update",
+        "a leaf of another shape",
+        update_with(swap(TREE, ("dense", "w"), jnp.zeros((3, 2)))),
+        ValueError,
+        "params['dense']['w'] has shape (3, 2), but the EMA's leaf has shape (2, 3)",
+    ),
+    Case(
+        "NormalizedEma.update",
+        "a float leaf where the EMA has ints",
+        update_with(swap(TREE, ("n",), jnp.zeros(()))),
+        ValueError,
+        "params['n'] has dtype float32",
+    ),
+    Case(
+        "NormalizedEma.update",
+        "an int leaf where the EMA has floats",
+        update_with(swap(TREE, ("dense", "w"), jnp.zeros((2, 3), jnp.int32))),
+        ValueError,
+        "params['dense']['w'] has dtype int32",
+    ),
+    Case(
+        "NormalizedEma.update",
+        "an EMA of another model",
+        update_with({"other": TREE["dense"], "n": TREE["n"]}),
+        ValueError,
+        "params lacks the EMA's leaf ema['dense']['b']",
+    ),
+    Case(
+        "NormalizedEma.update",
+        "arguments swapped",
+        lambda: EMA.update(STATE, TREE),
+        TypeError,
+        "the order is update(params, state)",
+    ),
+    Case(
+        "NormalizedEma.update",
+        "a state that is not an EmaState",
+        lambda: EMA.update(TREE, {"step": 0}),
+        TypeError,
+        "state must be the EmaState that init returned, got dict",
+    ),
+]
+
+TRAIN_EMA = ema_jax.normalized_ema(ema_alpha=1e-2, batch_size=4, max_epoch=2, update_period=1)
+
+
+def apply_gradients(model: Any, **kwargs: Any) -> Callable[[], Any]:
+    def call() -> Any:
+        state = make_state(model, TRAIN_EMA)
+        grads = jax.tree.map(jnp.zeros_like, state.params)
+        return state.apply_gradients(grads=grads, **kwargs)
+
+    return call
+
+
+def state_with_ema_of(other: Any) -> Callable[[], Any]:
+    def call() -> Any:
+        state = make_state(Mlp(), TRAIN_EMA)
+        foreign = make_state(other, TRAIN_EMA).ema_state
+        grads = jax.tree.map(jnp.zeros_like, state.params)
+        return state.replace(ema_state=foreign).apply_gradients(grads=grads)
+
+    return call
+
+
+TRAIN_STATE_CASES = [
+    Case(
+        "EmaTrainState.create",
+        "a decay instead of a transform",
+        lambda: ema_jax.EmaTrainState.create(
+            apply_fn=None, params={}, tx=optax.sgd(0.1), ema=0.999
+        ),
+        TypeError,
+        "ema must be a transform from ema_jax.normalized_ema, got 0.999",
+    ),
+    Case(
+        "EmaTrainState.create",
+        "an optax transform as ema",
+        lambda: ema_jax.EmaTrainState.create(
+            apply_fn=None, params={}, tx=optax.sgd(0.1), ema=optax.ema(0.9)
+        ),
+        TypeError,
+        "ema must be a transform from ema_jax.normalized_ema",
+    ),
+    Case(
+        "EmaTrainState.create",
+        "a non-numeric parameter",
+        lambda: ema_jax.EmaTrainState.create(
+            apply_fn=None, params={"w": "x"}, tx=optax.identity(), ema=TRAIN_EMA
+        ),
+        TypeError,
+        "params['params']['w'] must be a numeric array, got str",
+    ),
+    Case(
+        "EmaTrainState.apply_gradients",
+        "batch_stats missing for a BatchNorm model",
+        apply_gradients(BnNet()),
+        ValueError,
+        "but the state has batch_stats",
+    ),
+    Case(
+        "EmaTrainState.apply_gradients",
+        "batch_stats for a model without them",
+        apply_gradients(Mlp(), batch_stats={"m": jnp.zeros(2)}),
+        ValueError,
+        "but the state has no batch_stats",
+    ),
+    Case(
+        "EmaTrainState.apply_gradients",
+        "an EMA from another model",
+        state_with_ema_of(BnNet()),
+        ValueError,
+        "params do not match the EMA",
+    ),
+]
+
+CATALOGUE = TRANSFORM_CASES + TRAIN_STATE_CASES
+
+
+@pytest.mark.parametrize("case", CATALOGUE, ids=lambda c: c.id)
+def test_bad_input_raises_a_clear_error(case):
+    with pytest.raises(case.error, match=re.escape(case.text)):
+        case.call()
+
+
+def test_every_error_type_is_exact():
+    # pytest.raises accepts subclasses; the catalogue promises exact types.
+    for case in CATALOGUE:
+        try:
+            case.call()
+        except Exception as err:
+            assert type(err) is case.error, (case.id, type(err))
+        else:
+            raise AssertionError(f"{case.id}: no error")
