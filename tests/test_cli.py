@@ -131,3 +131,14 @@ def test_help_lists_every_option(capsys):
         "--json",
     ):
         assert option in out
+
+
+def test_readme_shows_the_real_output(capsys):
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = readme.split("$ python -m ema_jax explain ", 1)[1].split("```", 1)[0]
+    command, shown = block.split("\n", 2)[:2], block.split("\n", 2)[2]
+    args = " ".join(line.rstrip("\\ ") for line in command).split()
+    code, out, _ = run_in_process(capsys, "explain", *args)
+    assert code == 0
+    assert "half-life, share of training" in shown
+    assert out == shown, "README.md's explain output is stale: rerun the command"
