@@ -1,7 +1,7 @@
 """What pycls's EMA hyperparameters mean: alphas, update counts, half-lives, warnings.
 
-Pure Python (no JAX), so that the command line answers at once and notebooks or logs
-can show the numbers before a training run is spent on them. The math is in
+Plain Python and NumPy, no JAX computations, so that the command line, notebooks and
+logs can show the numbers before a training run is spent on them. The math is in
 ``docs/math.md``.
 """
 
@@ -21,6 +21,7 @@ from ema_jax._explain_text import format_report
 DTYPE_ALIASES = {"fp64": "float64", "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 Cadence = Literal["epoch", "run"]
 CADENCES: tuple[str, ...] = ("epoch", "run")
+APPROX_TOLERANCE = 0.01  # warn when the linear alpha is off the exact one by more
 
 # Warnings start with a fixed tag, so that scripts (and tests) can pick them out.
 WARN_OFF = "EMA off: {why}, so the EMA never averages"
@@ -293,7 +294,7 @@ def explain(
     if alpha == 0.0:
         why = "update_period=0" if k == 0 else "ema_alpha=0"
         warnings.append(WARN_OFF.format(why=why))
-    if rule == "linear" and abs(rel_diff) > 0.01:
+    if rule == "linear" and abs(rel_diff) > APPROX_TOLERANCE:
         warnings.append(WARN_APPROX.format(linear=a_lin, exact=a_exact, diff=rel_diff, x=x))
     if rule == "linear" and x > 1.0:
         warnings.append(WARN_CLAMP.format(x=x))

@@ -67,7 +67,7 @@ def linear_vs_exact_table(
     it; ``error at n*k`` uses the exact alpha at ``n*k = samples_per_update`` (through
     the transform's own ``alpha_exact``).
     """
-    rows = []
+    rows: list[tuple[float, ...]] = []
     for x in xs:
         at_nk = _schedule.alpha_exact(x / samples_per_update, samples_per_update, 1.0, 1)
         error_at_nk = _schedule.alpha_linear(x / samples_per_update, samples_per_update, 1.0, 1)
