@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ema_jax import _explain
 from ema_jax import _schedule
 
 PyTree = Any
@@ -139,6 +140,38 @@ class NormalizedEma:
             self,
             "alpha",
             _schedule.resolve_alpha(self.rule, self.ema_alpha, self.batch_size, self.max_epoch, k),
+        )
+
+    def explain(self, *, dataset_size: int | None = None, dtype: Any = None) -> _explain.EmaReport:
+        """What these hyperparameters mean: :func:`ema_jax.explain` on this EMA's own.
+
+        Args:
+          dataset_size: samples per epoch, for the fractions of training when the EMA
+            was built without ``steps_per_epoch``.
+          dtype: the EMA's dtype for the resolution check; None takes ``ema_dtype``,
+            or float32 when that is None too.
+
+        Example:
+          >>> import ema_jax
+          >>> ema = ema_jax.normalized_ema(ema_alpha=2.5e-4, batch_size=128,
+          ...                              max_epoch=100, steps_per_epoch=390)
+          >>> report = ema.explain()
+          >>> report.alpha == ema.alpha, report.updates_per_epoch
+          (True, 13)
+        """
+        if dtype is None:
+            dtype = self.ema_dtype if self.ema_dtype is not None else "float32"
+        return _explain.explain(
+            ema_alpha=self.ema_alpha,
+            batch_size=self.batch_size,
+            max_epoch=self.max_epoch,
+            update_period=self.update_period,
+            warmup_epochs=self.warmup_epochs,
+            steps_per_epoch=self.steps_per_epoch,
+            dataset_size=dataset_size,
+            rule=self.rule,
+            dtype=dtype,
+            cadence="run" if self.steps_per_epoch is None else "epoch",
         )
 
     def init(self, params: PyTree) -> EmaState:

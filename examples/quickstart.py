@@ -23,6 +23,7 @@ def main() -> None:
         steps_per_epoch=steps_per_epoch,
     )
     print(f"per-update alpha: {ema.alpha:.5f}")
+    print(ema.explain(dataset_size=50_000))  # what these hyperparameters mean, at the start
 
     # "Training": parameters that wander noisily around 1.0.
     params = {"w": jnp.zeros(4)}

@@ -1,0 +1,77 @@
+"""The human-readable table of an :class:`~ema_jax.EmaReport` (``str(report)``)."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ema_jax._explain import EmaReport
+
+
+_UNKNOWN = "unknown (needs steps_per_epoch or dataset_size)"
+
+
+def _fmt(value: float | None, spec: str = ".6g") -> str:
+    if value is None:
+        return _UNKNOWN
+    if math.isinf(value):
+        return "infinite (the EMA never moves)"
+    if spec == "count":
+        return f"{value:,.0f}" if value >= 1000 else f"{value:.4g}"
+    return format(value, spec)
+
+
+def format_report(report: EmaReport) -> str:
+    """``report`` as a two-column table for people (what ``str(report)`` gives)."""
+    r = report
+    spe = "unknown" if r.steps_per_epoch is None else f"{r.steps_per_epoch}"
+    if r.dataset_size is not None:
+        spe += f" (dataset_size {r.dataset_size} // batch_size {r.batch_size:g})"
+    mark = {r.rule: " <- rule"}
+    if r.updates_total is None:
+        updates = _UNKNOWN
+    else:
+        updates = (
+            f"{r.updates_per_epoch:.6g} per epoch, {r.updates_total} in the run,"
+            f" {r.updates_post_warmup} after warmup"
+        )
+    speedup = _fmt(r.cadence_speedup, ".4f")
+    if r.cadence_speedup is not None and r.cadence == "epoch":
+        speedup += (
+            f" ({r.updates_per_epoch} updates meant for {r.update_period} steps each"
+            f" in a {r.steps_per_epoch}-step epoch)"
+        )
+    resolution = (
+        f"{r.dtype_eps / 2:.3g} (updates register when |params - ema| >"
+        f" {_fmt(r.min_registered_gap, '.3g')} * |ema|)"
+    )
+    rows = [
+        ("per-update alpha, linear", f"{r.alpha_linear:.6g}{mark.get('linear', '')}"),
+        ("per-update alpha, exact", f"{r.alpha_exact:.6g}{mark.get('exact', '')}"),
+        ("linear vs exact", f"{r.linear_vs_exact_rel_diff:+.2%}"),
+        ("clamped by min(1, .)", "yes" if r.clamped else "no"),
+        ("EMA updates", updates),
+        ("cadence speedup", speedup),
+        ("half-life, updates", _fmt(r.half_life_updates, ".5g")),
+        ("half-life, optimizer steps", _fmt(r.half_life_steps, "count")),
+        ("half-life, samples", _fmt(r.half_life_samples, "count")),
+        ("half-life, epochs", _fmt(r.half_life_epochs, ".4g")),
+        ("half-life, share of training", _fmt(r.half_life_fraction, ".2%")),
+        ("nominal half-life, samples", _fmt(r.half_life_samples_nominal, "count")),
+        ("start weights' share at end", _fmt(r.start_weight_at_end, ".3g")),
+        (f"{r.dtype} resolution, eps/2", resolution),
+    ]
+    width = max(len(label) for label, _ in rows)
+    lines = [
+        f"EMA of weights: ema_alpha={r.ema_alpha:g} batch_size={r.batch_size:g}"
+        f" max_epoch={r.max_epoch:g} update_period={r.update_period}"
+        f" warmup_epochs={r.warmup_epochs} rule={r.rule} dtype={r.dtype}",
+        f"steps_per_epoch: {spe}",
+        "",
+        *(f"  {label:<{width}}  {value}" for label, value in rows),
+        "",
+        "warnings:" + ("" if r.warnings else " none"),
+        *(f"  - {w}" for w in r.warnings),
+    ]
+    return "\n".join(lines)

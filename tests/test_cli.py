@@ -1,0 +1,144 @@
+"""`python -m ema_jax explain`: a table for people, JSON for scripts, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+import ema_jax
+from ema_jax import __main__ as cli
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CIFAR = ["--ema-alpha", "2.5e-4", "--batch-size", "128", "--max-epoch", "100"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run(
+        [sys.executable, "-m", "ema_jax", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
+
+
+def test_explain_prints_a_table_for_people():
+    out = run_cli("explain", *CIFAR, "--dataset-size", "50000", "--warmup-epochs", "1")
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == ""
+    report = ema_jax.explain(
+        ema_alpha=2.5e-4, batch_size=128, max_epoch=100, dataset_size=50_000, warmup_epochs=1
+    )
+    assert out.stdout == str(report) + "\n"
+    for text in ("per-update alpha, linear", "0.01024 <- rule", "half-life, share of training"):
+        assert text in out.stdout
+    assert "13 per epoch, 1300 in the run, 1287 after warmup" in out.stdout
+
+
+def test_explain_json_is_one_object_matching_the_python_report():
+    args = [*CIFAR, "--steps-per-epoch", "390", "--update-period", "16", "--rule", "exact"]
+    out = run_cli("explain", *args, "--dtype", "bfloat16", "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    report = ema_jax.explain(
+        ema_alpha=2.5e-4,
+        batch_size=128,
+        max_epoch=100,
+        steps_per_epoch=390,
+        update_period=16,
+        rule="exact",
+        dtype="bfloat16",
+    )
+    assert data == report.to_dict()
+    assert data["alpha"] == data["alpha_exact"] and data["updates_per_epoch"] == 25
+
+
+def test_explain_json_has_nulls_without_the_epoch_length(capsys):
+    code, out, _ = run_in_process(capsys, "explain", *CIFAR, "--ema-alpha", "0", "--json")
+    assert code == 0
+    data = json.loads(out)  # the last --ema-alpha wins
+    assert data["half_life_updates"] is None and data["half_life_epochs"] is None
+    assert data["updates_total"] is None and data["warnings"][0].startswith("EMA off")
+
+
+def run_in_process(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """``main(args)`` here, for the many error cases: (exit code, stdout, stderr)."""
+    try:
+        code = cli.main(list(args))
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_bad_argument_in_a_subprocess_gives_one_line_and_exit_2():
+    out = run_cli("explain", *CIFAR, "--ema-alpha", "-1")
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr == (
+        "python -m ema_jax explain: error: ema_alpha must be a finite number >= 0, got -1\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([*CIFAR, "--ema-alpha", "-1"], "ema_alpha must be a finite number >= 0, got -1"),
+        (CIFAR[:4], "the following arguments are required: --max-epoch"),
+        ([*CIFAR, "--batch-size", "lots"], "batch_size must be a number, got 'lots'"),
+        ([*CIFAR, "--update-period", "2.5"], "update_period must be an integer in"),
+        ([*CIFAR, "--rule", "cosine"], "argument --rule: invalid choice: 'cosine'"),
+        ([*CIFAR, "--dtype", "int8"], "dtype must be a floating dtype, got 'int8'"),
+        ([*CIFAR, "--dataset-size", "50000", "--steps-per-epoch", "5"], "does not match"),
+        ([*CIFAR, "--dataset-size", "100"], "dataset_size=100 is smaller than batch_size=128"),
+        ([*CIFAR, "--max-epoch", "nan"], "max_epoch must be a finite number > 0, got nan"),
+    ],
+)
+def test_bad_arguments_give_one_line_and_exit_2(capsys, args, message):
+    code, out, err = run_in_process(capsys, "explain", *args)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("python -m ema_jax explain: error: ")
+    assert message in err
+
+
+@pytest.mark.parametrize("args", [[], ["frobnicate"], ["explain", *CIFAR, "--bogus"]])
+def test_bad_command_gives_one_line_and_exit_2(capsys, args):
+    code, _, err = run_in_process(capsys, *args)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("python -m ema_jax")
+
+
+def test_help_lists_every_option(capsys):
+    code, out, _ = run_in_process(capsys, "explain", "--help")
+    assert code == 0
+    for option in (
+        "--ema-alpha",
+        "--batch-size",
+        "--max-epoch",
+        "--update-period",
+        "--warmup-epochs",
+        "--steps-per-epoch",
+        "--dataset-size",
+        "--rule",
+        "--dtype",
+        "--json",
+    ):
+        assert option in out
+
+
+def test_readme_shows_the_real_output(capsys):
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = readme.split("$ python -m ema_jax explain ", 1)[1].split("```", 1)[0]
+    command, shown = block.split("\n", 2)[:2], block.split("\n", 2)[2]
+    args = " ".join(line.rstrip("\\ ") for line in command).split()
+    code, out, _ = run_in_process(capsys, "explain", *args)
+    assert code == 0
+    assert "half-life, share of training" in shown
+    assert out == shown, "README.md's explain output is stale: rerun the command"
