@@ -7,7 +7,9 @@ the test run (see conftest.py).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import re
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +24,7 @@ from models import Mlp
 from models import make_state
 
 import ema_jax
+from ema_jax.__main__ import main as cli_main
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +32,7 @@ class Case:
     entry: str  # the public entry point
     what: str  # what is wrong with the input
     call: Callable[[], Any]
-    error: type[Exception]
+    error: type[BaseException]
     text: str  # must appear in the message, verbatim
 
     @property
@@ -367,7 +370,95 @@ TRAIN_STATE_CASES = [
     ),
 ]
 
-CATALOGUE = TRANSFORM_CASES + TRAIN_STATE_CASES
+CIFAR = ["--ema-alpha", "2.5e-4", "--batch-size", "128", "--max-epoch", "100"]
+
+
+def cli(*args: str) -> Callable[[], Any]:
+    """Runs ``python -m ema_jax`` in-process; its exit becomes a SystemExit whose
+    message is the exit code and the one line it printed on stderr."""
+
+    def call() -> Any:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                cli_main(list(args))
+            except SystemExit as stop:
+                lines = err.getvalue().splitlines()
+                assert stop.code == 2 and len(lines) == 1, (stop.code, lines)
+                raise SystemExit(f"exit {stop.code}: {lines[0]}") from None
+        return None
+
+    return call
+
+
+CLI_CASES = [
+    Case("python -m ema_jax", "no command", cli(), SystemExit, "exit 2: "),
+    Case(
+        "python -m ema_jax",
+        "unknown command",
+        cli("frobnicate"),
+        SystemExit,
+        "invalid choice: 'frobnicate'",
+    ),
+    Case(
+        "python -m ema_jax explain",
+        "missing --ema-alpha",
+        cli("explain", *CIFAR[2:]),
+        SystemExit,
+        "--ema-alpha",
+    ),
+    Case(
+        "python -m ema_jax explain",
+        "word for a number",
+        cli("explain", *CIFAR, "--update-period", "often"),
+        SystemExit,
+        "update_period must be a number, got 'often'",
+    ),
+    Case(
+        "python -m ema_jax explain",
+        "negative ema_alpha",
+        cli("explain", "--ema-alpha", "-1", *CIFAR[2:]),
+        SystemExit,
+        "ema_alpha must be a finite number >= 0, got -1",
+    ),
+    Case(
+        "python -m ema_jax explain",
+        "zero batch size",
+        cli("explain", *CIFAR[:2], "--batch-size", "0", *CIFAR[4:]),
+        SystemExit,
+        "batch_size must be a finite number > 0, got 0",
+    ),
+    Case(
+        "python -m ema_jax explain",
+        "NaN max epoch",
+        cli("explain", *CIFAR[:4], "--max-epoch", "nan"),
+        SystemExit,
+        "max_epoch must be a finite number > 0, got nan",
+    ),
+    Case(
+        "python -m ema_jax explain",
+        "unknown rule",
+        cli("explain", *CIFAR, "--rule", "cos"),
+        SystemExit,
+        "invalid choice: 'cos'",
+    ),
+    Case(
+        "python -m ema_jax explain",
+        "integer dtype",
+        cli("explain", *CIFAR, "--dtype", "int8"),
+        SystemExit,
+        "int8",
+    ),
+    Case(
+        "python -m ema_jax explain",
+        "unknown option",
+        cli("explain", *CIFAR, "--bogus"),
+        SystemExit,
+        "--bogus",
+    ),
+]
+
+CATALOGUE = TRANSFORM_CASES + TRAIN_STATE_CASES + CLI_CASES
 
 
 @pytest.mark.parametrize("case", CATALOGUE, ids=lambda c: c.id)
@@ -381,7 +472,7 @@ def test_every_error_type_is_exact():
     for case in CATALOGUE:
         try:
             case.call()
-        except Exception as err:
+        except BaseException as err:  # SystemExit too: the CLI cases
             assert type(err) is case.error, (case.id, type(err))
         else:
             raise AssertionError(f"{case.id}: no error")
