@@ -22,6 +22,7 @@ DTYPE_ALIASES = {"fp64": "float64", "fp32": "float32", "bf16": "bfloat16", "fp16
 Cadence = Literal["epoch", "run"]
 CADENCES: tuple[str, ...] = ("epoch", "run")
 APPROX_TOLERANCE = 0.01  # warn when the linear alpha is off the exact one by more
+CADENCE_TOLERANCE = 0.10  # warn when the per-epoch cadence speeds the EMA up by more
 
 # Warnings start with a fixed tag, so that scripts (and tests) can pick them out.
 WARN_OFF = "EMA off: {why}, so the EMA never averages"
@@ -38,6 +39,11 @@ WARN_HALF_LIFE = (
     "half-life: the half-life ({half_life:.3g} epochs) exceeds the {after:.3g} epochs of"
     " training after warmup; the final EMA still holds {start:.1%} of the weights it"
     " started averaging from"
+)
+WARN_CADENCE = (
+    "cadence: {per_epoch} updates per {spe}-step epoch, each meant for {k} steps, move the"
+    " EMA {speedup:.1%} faster than intended (the cadence restarts every epoch); choose an"
+    " update_period that divides steps_per_epoch"
 )
 WARN_WARMUP = (
     "warmup: warmup_epochs={warmup!r} covers the whole run (max_epoch={max_epoch!r}),"
@@ -298,6 +304,10 @@ def explain(
         warnings.append(WARN_APPROX.format(linear=a_lin, exact=a_exact, diff=rel_diff, x=x))
     if rule == "linear" and x > 1.0:
         warnings.append(WARN_CLAMP.format(x=x))
+    if speedup is not None and speedup - 1.0 > CADENCE_TOLERANCE:
+        warnings.append(
+            WARN_CADENCE.format(per_epoch=per_epoch, spe=spe, k=k, speedup=speedup - 1.0)
+        )
     covered = warmup >= max_epoch
     if covered:
         warnings.append(WARN_WARMUP.format(warmup=warmup, max_epoch=max_epoch))

@@ -225,6 +225,7 @@ WARNINGS = [
     (dict(warmup_epochs=99), "half-life"),
     (dict(ema_alpha=1e-6, max_epoch=2), "half-life"),
     (dict(warmup_epochs=100), "warmup"),
+    (dict(steps_per_epoch=48), "cadence"),  # pycls's cifar_best: 2 updates of 32 in 48 steps
     (dict(dtype="bfloat16", max_epoch=400), "dtype"),
     (dict(dtype="float16", ema_alpha=1e-5, max_epoch=200), "dtype"),
 ]
