@@ -171,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"{len(x_train)} training / {len(x_test)} test images, {steps_per_epoch} steps per"
         f" epoch; EMA alpha per update {ema.alpha:.4f}, every {ema.update_period} steps"
     )
-    # ---- ema_jax.explain(...) (issue 6) goes here: what these EMA settings mean ----
+    print(ema.explain())  # what these EMA settings mean: half-life, warnings
 
     workdir = os.path.abspath(args.workdir)
     history: list[dict[str, float]] = []
