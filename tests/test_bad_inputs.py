@@ -2,7 +2,8 @@
 
 Each case names the entry point, what is wrong, the exact exception type and a
 piece of the message that names the culprit. The count is printed at the end of
-the test run (see conftest.py).
+the test run (see conftest.py), with the checkpoint helpers' cases, which live in
+tests/test_checkpoint.py beside their fixtures and carry the same ``bad_input`` mark.
 """
 
 from __future__ import annotations
@@ -461,6 +462,7 @@ CLI_CASES = [
 CATALOGUE = TRANSFORM_CASES + TRAIN_STATE_CASES + CLI_CASES
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("case", CATALOGUE, ids=lambda c: c.id)
 def test_bad_input_raises_a_clear_error(case):
     with pytest.raises(case.error, match=re.escape(case.text)):

@@ -264,6 +264,7 @@ def test_best_checkpoints_by_an_error_to_minimize(tmp_path):
         assert (b.best_step("raw"), b.best_step("ema")) == (1, 0)
 
 
+@pytest.mark.bad_input
 def test_missing_checkpoint_names_the_directory(tmp_path):
     target = make_state(Mlp(), EMA)
     missing = pytest.raises(
@@ -320,12 +321,14 @@ def wider_mlp() -> ema_jax.EmaTrainState:
     ],
     ids=["other-layers", "no-batchnorm", "other-shape", "plain-other-shape", "plain-extra"],
 )
+@pytest.mark.bad_input
 def test_checkpoint_of_another_model_names_the_first_differing_leaf(saved, target, text, tmp_path):
     save(tmp_path, saved())
     with manager(tmp_path) as m, pytest.raises(ValueError, match=re.escape(text)):
         ema_jax.restore_checkpoint(m, target())
 
 
+@pytest.mark.bad_input
 def test_best_checkpoints_of_another_model_raise(tmp_path):
     with ema_jax.BestCheckpoints(tmp_path) as best:
         best.save(0, make_state(Mlp(), EMA), scores(0.5, 0.5))
@@ -333,6 +336,7 @@ def test_best_checkpoints_of_another_model_raise(tmp_path):
             best.restore("raw", wider_mlp())
 
 
+@pytest.mark.bad_input
 def test_manager_without_a_handler_is_told_how_to_make_one(tmp_path):
     save(tmp_path, make_state(Mlp(), EMA))
     with (
@@ -383,6 +387,7 @@ def open_best(directory: Any, call: Any, **kwargs: Any) -> None:
     ],
     ids=["mode", "metric-name", "metric-missing", "metric-not-a-number", "which", "target"],
 )
+@pytest.mark.bad_input
 def test_bad_arguments_are_named(call, error, text, tmp_path):
     with pytest.raises(error, match=re.escape(text)):
         call(tmp_path)
