@@ -28,7 +28,7 @@ class EmaState(NamedTuple):
       ema: the moving average, a pytree shaped like the parameters.
       nonfinite_updates: with ``skip_nonfinite=True``, the updates at which some
         parameter entry was NaN or Inf (those entries kept their previous EMA
-        value); always 0 with ``skip_nonfinite=False``.
+        value); always 0 with ``skip_nonfinite=False`` or ``count_nonfinite=False``.
     """
 
     step: jax.Array  # shape=(), int32
@@ -103,6 +103,7 @@ class NormalizedEma:
     rule: _schedule.Rule = "linear"
     ema_dtype: np.dtype | None = None
     skip_nonfinite: bool = True
+    count_nonfinite: bool = True
     alpha: float = dataclasses.field(init=False)
     """The per-update step size, a Python float resolved once from the rest."""
 
@@ -136,6 +137,8 @@ class NormalizedEma:
             s(self, "ema_dtype", dtype)
         if not isinstance(self.skip_nonfinite, bool):
             raise ValueError(f"skip_nonfinite must be a bool, got {self.skip_nonfinite!r}")
+        if not isinstance(self.count_nonfinite, bool):
+            raise ValueError(f"count_nonfinite must be a bool, got {self.count_nonfinite!r}")
         s(
             self,
             "alpha",
@@ -244,7 +247,9 @@ class NormalizedEma:
         fp32 (a bf16 EMA is rounded once), or exactly ``params`` where ``warm``.
         Non-finite entries are only looked for with ``skip_nonfinite``; the count is
         a second read of the parameters (``max(|p|)`` is NaN or Inf exactly when some
-        entry is), which XLA fuses into the update on GPU but not on CPU.
+        entry is), which XLA fuses into the update on GPU but not on CPU. The count
+        is the only non-elementwise part: on sharded parameters it needs one scalar
+        all-reduce per mesh axis, which ``count_nonfinite=False`` removes.
         """
 
         def leaf(p: jax.Array, e: jax.Array) -> jax.Array:
@@ -265,7 +270,7 @@ class NormalizedEma:
 
         new_ema = jax.tree.map(leaf, params, ema)
         floats = [p for p in jax.tree.leaves(params) if _is_float(p) and p.size]
-        if not self.skip_nonfinite or not floats:
+        if not (self.skip_nonfinite and self.count_nonfinite) or not floats:
             return new_ema, jnp.zeros((), jnp.int32)
         peaks = jnp.stack([jnp.max(jnp.abs(p)).astype(jnp.float32) for p in floats])
         return new_ema, (~jnp.all(jnp.isfinite(peaks))).astype(jnp.int32)
@@ -282,6 +287,7 @@ def normalized_ema(
     rule: _schedule.Rule = "linear",
     ema_dtype: Any = None,
     skip_nonfinite: bool = True,
+    count_nonfinite: bool = True,
 ) -> NormalizedEma:
     r"""pycls's EMA of model weights, with a step size normalized by batch and schedule.
 
@@ -315,7 +321,12 @@ def normalized_ema(
         parameters); None keeps each parameter's dtype.
       skip_nonfinite: NaN/Inf parameter entries keep their previous EMA value
         instead of poisoning it; such updates are counted in
-        ``EmaState.nonfinite_updates``.
+        ``EmaState.nonfinite_updates``. The guard is elementwise: it keeps every
+        EMA shard on its device with no communication.
+      count_nonfinite: with ``skip_nonfinite``, keep that count. Counting reduces
+        over all entries, so on sharded parameters it costs a scalar all-reduce per
+        mesh axis at each EMA update; False drops the count (``nonfinite_updates``
+        stays 0) and with it the update's only communication.
 
     Returns:
       A :class:`NormalizedEma` with ``alpha``, ``init(params)`` and
@@ -352,4 +363,5 @@ def normalized_ema(
         rule=rule,
         ema_dtype=ema_dtype,
         skip_nonfinite=skip_nonfinite,
+        count_nonfinite=count_nonfinite,
     )
