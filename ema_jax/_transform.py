@@ -189,8 +189,8 @@ class NormalizedEma:
         Floating leaves become ``ema + alpha * (params - ema)``, blended in at least
         fp32 (a bf16 EMA is rounded once), or exactly ``params`` where ``warm``.
         Non-finite entries are only looked for with ``skip_nonfinite``; the count is
-        a second read of the parameters (``max(|p|)`` is NaN or Inf exactly when some
-        entry is), which XLA fuses into the update on GPU but not on CPU.
+        a second read of the parameters (see :func:`_extremes`), which XLA fuses into
+        the update on GPU but not on CPU.
         """
 
         def leaf(p: jax.Array, e: jax.Array) -> jax.Array:
@@ -213,8 +213,28 @@ class NormalizedEma:
         floats = [p for p in jax.tree.leaves(params) if _is_float(p) and p.size]
         if not self.skip_nonfinite or not floats:
             return new_ema, jnp.zeros((), jnp.int32)
-        peaks = jnp.stack([jnp.max(jnp.abs(p)).astype(jnp.float32) for p in floats])
+        peaks = jnp.stack([x.astype(jnp.float32) for p in floats for x in _extremes(p)])
         return new_ema, (~jnp.all(jnp.isfinite(peaks))).astype(jnp.int32)
+
+
+def _extremes(p: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(max(p), min(p))`` in one pass: both finite exactly when every entry is.
+
+    XLA's max and min propagate NaN; +Inf shows in the max, -Inf in the min. The
+    initial values are the dtype's finite extremes (neutral for every finite entry,
+    and defined for float8 types without Inf). One variadic reduce reads ``p`` once
+    with no elementwise prologue: on XLA:CPU it streams faster than ``max(abs(p))``.
+    """
+    x = p.reshape(-1)
+    info = jnp.finfo(x.dtype)
+    lo = jnp.array(info.min, x.dtype)
+    hi = jnp.array(info.max, x.dtype)
+
+    def pair(a: tuple[jax.Array, jax.Array], b: tuple[jax.Array, jax.Array]) -> tuple:
+        return jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1])
+
+    top, bottom = jax.lax.reduce((x, x), (lo, hi), pair, (0,))
+    return top, bottom
 
 
 def normalized_ema(
