@@ -138,6 +138,18 @@ def section_update(rounds: int) -> tuple[dict, dict[str, Candidate]]:
     return out, cands
 
 
+def section_bandwidth(rounds: int) -> dict:
+    """Is the floor DRAM or cache? The flat donated blend at working sets around L3."""
+    cands = []
+    for n in (1 << 18, 1 << 20, 1 << 22, 25_000_000):
+        a = jnp.ones(n) * 0.5
+        blend = jax.jit(lambda e, p: e + 0.01 * (p - e), donate_argnums=0)
+        calls = max(5, 50_000_000 // n)
+        cands.append(Candidate(str(n), lambda e, f=blend, p=a: f(e, p), a.copy(), calls, 12 * n))
+    measure(cands, rounds)
+    return {c.name: summary(c) | {"working_set_bytes": c.nbytes} for c in cands}
+
+
 def section_skip(rounds: int) -> dict:
     """Item 2: a skipped call vs an updating one vs the dispatch floor; amortized costs."""
     params = param_tree()
@@ -410,6 +422,9 @@ def print_report(r: dict) -> None:
     for c in u.values():
         if isinstance(c, dict):
             print(fmt_row(c["label"], c, f"{c['ratio_to_xla_floor']:.3f}"))
+    print("\n    the floor by working set (flat donated blend; L2 1 MiB/core, L3 32 MiB)")
+    for k, c in r["bandwidth_probe"].items():
+        print(fmt_row(f"{int(k):,} fp32 ({c['working_set_bytes'] / 2**20:.0f} MiB moved)", c))
     s = r["skipped_steps"]
     print("\n[2] skipped steps (ResNet-50 tree)")
     print(head)
@@ -496,6 +511,7 @@ def main(argv: list[str] | None = None) -> None:
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
     }
     print(f"{name}: jax {jax.__version__}, {os.cpu_count()} cores, loadavg {r['loadavg_start']}")
+    r["bandwidth_probe"] = section_bandwidth(rounds)
     r["update_vs_floor"], _ = section_update(rounds)
     r["skipped_steps"] = section_skip(rounds)
     r["train_step"], r["train_memory"] = section_train(rounds)
