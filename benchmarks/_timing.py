@@ -84,3 +84,9 @@ def paired_ratio_quartiles(a: Candidate, b: Candidate) -> tuple[float, float]:
 def paired_diff(a: Candidate, b: Candidate) -> float:
     """Median over rounds of a's time - b's time in the same round (ms)."""
     return statistics.median(x - y for x, y in zip(a.samples, b.samples, strict=True))
+
+
+def paired_diff_quartiles(a: Candidate, b: Candidate) -> tuple[float, float]:
+    """First and third quartile over rounds of a's time - b's time (ms)."""
+    q = statistics.quantiles((x - y for x, y in zip(a.samples, b.samples, strict=True)), n=4)
+    return q[0], q[2]

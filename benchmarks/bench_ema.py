@@ -18,6 +18,10 @@ import os
 # of 8-9 ms here. Passive waiting is the fair setting for the peers; set before torch
 # is imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# XLA:CPU records each thunk it runs (for benchmarks/_profile.py); set before JAX starts.
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true"
+).strip()
 
 import argparse
 import json
@@ -33,9 +37,12 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 import numpy as np
+from _profile import conditional_thunks
+from _profile import thunk_times_per_call
 from _timing import Candidate
 from _timing import measure
 from _timing import paired_diff
+from _timing import paired_diff_quartiles
 from _timing import paired_ratio
 from _timing import paired_ratio_quartiles
 from _timing import summary
@@ -216,8 +223,19 @@ def section_train(rounds: int) -> tuple[dict, dict]:
         for k in (32, 1)
         for g in (True, False)
     }
+    for g in (True, False):
+        # Never updates after step 0, with period 32's alpha: the same program as the
+        # others but for constants, so ema_p1 - ema_never is the update inside the step.
+        emas[f"ema_never_guard_{'on' if g else 'off'}"] = ema_jax.normalized_ema(
+            ema_alpha=2.5e-4 / 2**25,
+            batch_size=batch,
+            max_epoch=100,
+            update_period=2**30,
+            skip_nonfinite=g,
+        )
     states = make_train_states(model, x, emas)
     cands: dict[str, Candidate] = {}
+    steps: dict[str, Any] = {}
     memory: dict[str, Any] = {}
     for name, state in states.items():
         step = jax.jit(train_step, donate_argnums=0)
@@ -230,6 +248,7 @@ def section_train(rounds: int) -> tuple[dict, dict]:
             memory[name]["ema_state_bytes"] = tree_bytes(state.ema_state)
             memory[name]["ema_leaves"] = len(jax.tree.leaves(state.ema_state.ema))
         cands[name] = Candidate(name, lambda s, f=step: f(s, x, y), state, 32)
+        steps[name] = step
     plain = states["plain"]  # its buffers are donated below: the standalone update gets copies
     variables = copy_tree({"params": plain.params, "batch_stats": plain.batch_stats})
     # The same EMA standalone on the model's variables: its parts, measured precisely.
@@ -246,13 +265,7 @@ def section_train(rounds: int) -> tuple[dict, dict]:
             ema.init(variables),
             64,
         )
-        never = ema_jax.normalized_ema(  # period 32's alpha, but no update after step 0
-            ema_alpha=2.5e-4 / 2**25,
-            batch_size=batch,
-            max_epoch=100,
-            update_period=2**30,
-            skip_nonfinite=guard,
-        )
+        never = emas[f"ema_never_guard_{g}"]
         upd = jax.jit(never.update, donate_argnums=1)
         cands[f"standalone_skip_guard_{g}"] = Candidate(
             f"standalone non-updating call, skip_nonfinite={guard}",
@@ -262,12 +275,22 @@ def section_train(rounds: int) -> tuple[dict, dict]:
         )
     measure(list(cands.values()), rounds)
     out: dict[str, Any] = {k: summary(c) for k, c in cands.items()}
+    for name in emas:  # the EMA's thunks in the step, traced over 64 steps
+        c = cands[name]
+        conds, kernels = conditional_thunks(steps[name].lower(c.state, x, y).compile())
+        groups = {"ema": conds + kernels, "kernels": kernels}
+        times, c.state = thunk_times_per_call(c.step, c.state, groups, 64)
+        # The wall time covered by the conditional and its kernels, once each.
+        out[name]["in_step_ms"] = times["ema_wall"]
+        out[name]["in_step_kernels_busy_ms"] = times["kernels_busy"]
+        out[name]["in_step_fraction"] = out[name]["in_step_ms"] / out["plain"]["median_ms"]
     out["params"] = sum(x.size for x in jax.tree.leaves(variables["params"]))
     out["batch"] = batch
     plain = cands["plain"]
     for name, ema in emas.items():
         out[name]["overhead_fraction"] = paired_ratio(cands[name], plain) - 1
         out[name]["overhead_ms"] = paired_diff(cands[name], plain)
+        out[name]["overhead_ms_q1_q3"] = paired_diff_quartiles(cands[name], plain)
         q1, q3 = paired_ratio_quartiles(cands[name], plain)
         out[name]["overhead_fraction_q1_q3"] = (q1 - 1, q3 - 1)
         out[name]["overhead_fraction_of_minima"] = min(cands[name].samples) / min(plain.samples) - 1
@@ -280,6 +303,15 @@ def section_train(rounds: int) -> tuple[dict, dict]:
         amortized = (update + (k - 1) * skip) / k
         out[name]["amortized_from_parts_ms"] = amortized
         out[name]["expected_fraction"] = amortized / out["plain"]["median_ms"]
+        # In the step: the traced thunks, plus the per-call cost of the EMA's buffers
+        # in the compiled program, which is no thunk (a skipped call's cost standalone).
+        out[name]["call_overhead_ms"] = skip
+        cost = out[name]["in_step_ms"] + skip
+        out[name]["in_step_cost_ms"] = cost
+        out[name]["in_step_cost_fraction"] = cost / out["plain"]["median_ms"]
+        if k == 1:  # an update inside the step vs a skipped call inside the step
+            out[name]["update_in_step_ms"] = paired_diff(cands[name], cands[f"ema_never_guard_{g}"])
+            out[name]["update_standalone_ms"] = update - skip
     for name, m in memory.items():
         if name != "plain":
             for f in ("argument", "output", "alias", "temp"):
@@ -399,22 +431,29 @@ def evaluate(r: dict) -> dict[str, dict[str, Any]]:
         }
     for g in ("on", "off"):
         c = t[f"ema_p32_guard_{g}"]
+        value = max(c["in_step_cost_fraction"], c["expected_fraction"])
         targets[f"p32_train_overhead_under_1pct_guard_{g}"] = {
-            "value_from_parts": c["expected_fraction"],
-            "value_measured_in_step": c["overhead_fraction"],
-            "measured_q1_q3": c["overhead_fraction_q1_q3"],
-            "met": c["expected_fraction"] < 0.01,
-            "note": "judged on (update + 31 skipped calls) / 32 measured standalone, each"
-            " net of the dispatch floor, over the plain step; the direct in-step difference"
-            " is shown with its noise",
+            "value": value,
+            "in_step_traced_plus_call_overhead": c["in_step_cost_fraction"],
+            "from_standalone_parts": c["expected_fraction"],
+            "wall_clock_diff": c["overhead_fraction"],
+            "wall_clock_diff_q1_q3": c["overhead_fraction_q1_q3"],
+            "met": value < 0.01,
+            "note": "the larger of (traced EMA thunks in the step + per-call overhead) and"
+            " (update + 31 skipped calls) / 32 standalone, over the plain step's median;"
+            " the wall-clock difference of ~30 ms steps is noise on this machine",
         }
     for g in ("on", "off"):
-        added = t[f"ema_p1_guard_{g}"]["overhead_ms"]
+        c = t[f"ema_p1_guard_{g}"]
         alone = t[f"standalone_update_guard_{g}"]["median_ms"]
         targets[f"p1_train_overhead_le_standalone_guard_{g}"] = {
-            "value_ms": added,
+            "value_ms": c["in_step_cost_ms"],
             "standalone_ms": alone,
-            "met": added <= alone,
+            "met": c["in_step_cost_ms"] <= alone,
+            "wall_clock_diff_ms": c["overhead_ms"],
+            "wall_clock_diff_q1_q3_ms": c["overhead_ms_q1_q3"],
+            "note": "traced EMA thunks in the step + per-call overhead vs a standalone"
+            " jitted update of the same variables (wall clock, its dispatch included)",
         }
     ok = all(
         m["alias_minus_plain"] == m["ema_state_bytes"]
@@ -492,18 +531,23 @@ def print_report(r: dict) -> None:
     print(
         f"\n[3] train step: SmallResNet, {t['params']:,} params, batch {t['batch']}, SGD+momentum"
     )
-    print(head + "  EMA overhead (paired)")
+    print(
+        head + "  EMA per step: traced thunks + call overhead; wall-clock diff [IQR];"
+        " from standalone parts"
+    )
     for k, c in t.items():
-        if isinstance(c, dict):
-            extra = ""
-            if "overhead_fraction" in c:
-                q1, q3 = c["overhead_fraction_q1_q3"]
-                extra = (
-                    f"{100 * c['overhead_fraction']:+.2f}% [IQR {100 * q1:+.1f}..{100 * q3:+.1f}]"
-                    f" minima {100 * c['overhead_fraction_of_minima']:+.2f}%;"
-                    f" from parts {100 * c['expected_fraction']:.2f}%"
-                )
-            print(fmt_row(k, c, extra))
+        if not isinstance(c, dict):
+            continue
+        extra = ""
+        if "overhead_fraction" in c:
+            q1, q3 = c["overhead_fraction_q1_q3"]
+            extra = (
+                f"{c['in_step_ms'] * 1e3:4.0f}+{c['call_overhead_ms'] * 1e3:3.0f} us ="
+                f" {100 * c['in_step_cost_fraction']:.2f}%;"
+                f" {100 * c['overhead_fraction']:+.1f}% [{100 * q1:+.1f}..{100 * q3:+.1f}];"
+                f" {100 * c['expected_fraction']:.2f}%"
+            )
+        print(fmt_row(k, c, extra))
     print("\n[4] compiled memory (bytes): train step (donated), and the standalone update")
     cols = ("argument", "output", "alias", "temp", "EMA state")
     print(f"  {'':<30s}" + "".join(f"{c:>13s}" for c in cols))
@@ -569,7 +613,7 @@ def main(argv: list[str] | None = None) -> None:
     r["update_vs_floor"], _ = section_update(rounds)
     r["skipped_steps"] = section_skip(rounds)
     # One step is ~30 ms and other processes shift it by several percent: more rounds.
-    r["train_step"], r["train_memory"] = section_train(max(rounds, 15))
+    r["train_step"], r["train_memory"] = section_train(max(rounds, 4 if args.quick else 15))
     r["update_memory"] = section_update_memory()
     r["peers"] = section_peers(sizes, rounds)
     r["loadavg_end"] = os.getloadavg()
