@@ -246,10 +246,10 @@ class NormalizedEma:
         Floating leaves become ``ema + alpha * (params - ema)``, blended in at least
         fp32 (a bf16 EMA is rounded once), or exactly ``params`` where ``warm``.
         Non-finite entries are only looked for with ``skip_nonfinite``; the count is
-        a second read of the parameters (``max(|p|)`` is NaN or Inf exactly when some
-        entry is), which XLA fuses into the update on GPU but not on CPU. The count
-        is the only non-elementwise part: on sharded parameters it needs one scalar
-        all-reduce per mesh axis, which ``count_nonfinite=False`` removes.
+        a second read of the parameters (see :func:`_has_nonfinite`), which XLA fuses
+        into the update on GPU but not on CPU. The count is the only non-elementwise
+        part: on sharded parameters it needs one scalar all-reduce per mesh axis,
+        which ``count_nonfinite=False`` removes.
         """
 
         def leaf(p: jax.Array, e: jax.Array) -> jax.Array:
@@ -272,8 +272,22 @@ class NormalizedEma:
         floats = [p for p in jax.tree.leaves(params) if _is_float(p) and p.size]
         if not (self.skip_nonfinite and self.count_nonfinite) or not floats:
             return new_ema, jnp.zeros((), jnp.int32)
-        peaks = jnp.stack([jnp.max(jnp.abs(p)).astype(jnp.float32) for p in floats])
-        return new_ema, (~jnp.all(jnp.isfinite(peaks))).astype(jnp.int32)
+        return new_ema, _has_nonfinite(floats).astype(jnp.int32)
+
+
+def _has_nonfinite(leaves: list[jax.Array]) -> jax.Array:
+    """Whether any entry of any of the (floating, non-empty) ``leaves`` is NaN or Inf.
+
+    ``sum(p - p)`` is 0 when every entry is finite and NaN otherwise (``inf - inf``
+    is NaN), with nothing to overflow. Two other forms are wrong or costly here:
+    ``max(|p|)`` misses NaN on XLA:CPU, whose max of 4096 or more float32 entries
+    ignores NaN; a variadic ``(max, min)`` reduce is exact but the SPMD partitioner
+    does not split it, so a sharded leaf is all-gathered first. A sum is split into
+    a local sum and one scalar all-reduce. tests/test_guard.py checks NaN, +Inf and
+    -Inf on both sides of 4096 entries; tests/test_sharding.py the communication.
+    """
+    total = sum(jnp.sum(p - p, dtype=jnp.float32) for p in leaves)
+    return ~jnp.isfinite(total)
 
 
 def normalized_ema(
