@@ -62,7 +62,7 @@ import ema_jax
 # pycls's defaults (EMA_ALPHA 1e-5, batch 128, 200 epochs); the period varies.
 HYPER = dict(ema_alpha=1e-5, batch_size=128, max_epoch=200)
 # Temporaries the EMA may add, per EMA leaf: XLA:CPU's tuple pointer tables (8 bytes
-# per leaf per tuple) and, with the guard, each leaf's (max, min) scalars at 64-byte
+# per leaf per tuple) and, with the guard, each leaf's count scalar at 64-byte
 # alignment. They scale with the number of leaves, never with their sizes.
 TEMP_BYTES_PER_LEAF = 512
 
