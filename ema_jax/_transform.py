@@ -246,10 +246,10 @@ class NormalizedEma:
         Floating leaves become ``ema + alpha * (params - ema)``, blended in at least
         fp32 (a bf16 EMA is rounded once), or exactly ``params`` where ``warm``.
         Non-finite entries are only looked for with ``skip_nonfinite``; the count is
-        a second read of the parameters (see :func:`_has_nonfinite`), which XLA fuses
-        into the update on GPU but not on CPU. The count is the only non-elementwise
-        part: on sharded parameters it needs one scalar all-reduce per mesh axis,
-        which ``count_nonfinite=False`` removes.
+        a second read of the parameters (see :func:`_has_nonfinite`), which XLA:CPU
+        does not fuse into the update (GPU fusion not measured here). The count is the
+        only non-elementwise part: on sharded parameters it needs one scalar
+        all-reduce per mesh axis, which ``count_nonfinite=False`` removes.
         """
 
         def leaf(p: jax.Array, e: jax.Array) -> jax.Array:

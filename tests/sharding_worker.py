@@ -172,7 +172,7 @@ def _(path: Path) -> None:
             hlo = compiled_update(name, variant)[2].as_text()
             found = sharded.collectives(hlo)
             if variant == "default" and name not in ("replicated", "data_parallel"):
-                # max(|p|) over a sharded leaf: a scalar all-reduce per mesh axis, no more.
+                # sum(p - p) over a sharded leaf: a scalar all-reduce per mesh axis, no more.
                 assert found and set(found) == {"all-reduce"}, (name, found)
                 shapes = all_reduce_operand_shapes(hlo)
                 assert all(s.endswith("[]") for s in shapes), (name, shapes)

@@ -22,7 +22,7 @@ import ema_jax
 
 # Temporaries the EMA may add, per EMA leaf. XLA:CPU's buffer assignment shows what they
 # are: the conditional's operand and result tuples (a table of 8-byte pointers per
-# leaf) and, with skip_nonfinite, each leaf's (max, min) reduce result at 64-byte
+# leaf) and, with skip_nonfinite, each leaf's count scalar at 64-byte
 # alignment. All scale with the number of leaves and none with the leaves' sizes
 # (test_update_temporaries_do_not_grow_with_the_parameters checks that directly).
 TEMP_BYTES_PER_LEAF = 512
