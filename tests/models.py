@@ -11,6 +11,17 @@ import optax
 
 import ema_jax
 
+# Warmup of one 3-step epoch, then an update every 2 steps: a few steps cross the
+# warmup boundary, and a resume mid-epoch and mid-cadence shows whether the step survives.
+EMA = ema_jax.normalized_ema(
+    ema_alpha=1e-2,
+    batch_size=4,
+    max_epoch=2,
+    update_period=2,
+    warmup_epochs=1,
+    steps_per_epoch=3,
+)
+
 
 class Mlp(nn.Module):
     @nn.compact

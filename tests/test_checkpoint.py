@@ -15,6 +15,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax.training import train_state
+from models import EMA
 from models import BnNet
 from models import Mlp
 from models import batches
@@ -23,16 +24,6 @@ from models import train_step
 
 import ema_jax
 
-# Warmup of one 3-step epoch, then an update every 2 steps: a resume mid-epoch and
-# mid-cadence shows whether the EMA's step survives.
-EMA = ema_jax.normalized_ema(
-    ema_alpha=1e-2,
-    batch_size=4,
-    max_epoch=2,
-    update_period=2,
-    warmup_epochs=1,
-    steps_per_epoch=3,
-)
 MODELS = pytest.mark.parametrize("model", [Mlp(), BnNet()], ids=["plain", "batchnorm"])
 STEP = jax.jit(train_step, donate_argnums=0)
 

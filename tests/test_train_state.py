@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from models import EMA
 from models import BnNet
 from models import Mlp
 from models import batches
@@ -15,15 +16,6 @@ from models import make_state
 from models import train_step
 
 import ema_jax
-
-EMA = ema_jax.normalized_ema(
-    ema_alpha=1e-2,
-    batch_size=4,
-    max_epoch=2,
-    update_period=2,
-    warmup_epochs=1,
-    steps_per_epoch=3,
-)
 
 
 @pytest.mark.parametrize("model", [Mlp(), BnNet()], ids=["plain", "batchnorm"])
