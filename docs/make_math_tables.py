@@ -12,8 +12,9 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "docs"))
 
-from ema_jax import _math_tables  # noqa: E402
+import math_tables as _math_tables  # noqa: E402
 
 DOC = ROOT / "docs" / "math.md"
 

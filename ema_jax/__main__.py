@@ -12,8 +12,8 @@ import sys
 from typing import Any
 from typing import NoReturn
 
-from ema_jax import _explain
-from ema_jax import _schedule
+from ema_jax import _report as _explain
+from ema_jax import _validate as _schedule
 
 
 class _Parser(argparse.ArgumentParser):

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ema_jax import _explain
-from ema_jax import _schedule
+from ema_jax import _report as _explain
+from ema_jax import _validate as _schedule
 
 PyTree = Any
 

@@ -8,8 +8,9 @@ import re
 
 import pytest
 
-from ema_jax import _math_tables
-from ema_jax import _schedule
+from ema_jax import _validate as _schedule
+
+import math_tables as _math_tables
 
 DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "math.md"
 TABLES = _math_tables.markdown_tables()

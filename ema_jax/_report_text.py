@@ -6,7 +6,7 @@ import math
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ema_jax._explain import EmaReport
+    from ema_jax._report import EmaReport
 
 
 _UNKNOWN = "unknown (needs steps_per_epoch or dataset_size)"

@@ -15,8 +15,8 @@ from typing import Literal
 import ml_dtypes
 import numpy as np
 
-from ema_jax import _schedule
-from ema_jax._explain_text import format_report
+from ema_jax import _validate as _schedule
+from ema_jax._report_text import format_report
 
 DTYPE_ALIASES = {"fp64": "float64", "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 Cadence = Literal["epoch", "run"]

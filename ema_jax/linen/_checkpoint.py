@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ema_jax._train_state import EmaTrainState
+from ema_jax.linen._train_state import EmaTrainState
 
 PyTree = Any
 Which = Literal["raw", "ema"]
