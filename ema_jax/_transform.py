@@ -177,6 +177,31 @@ class NormalizedEma:
             cadence="run" if self.steps_per_epoch is None else "epoch",
         )
 
+    def settings(self) -> dict[str, Any]:
+        """This EMA's configuration as a JSON-ready dict (stored with checkpoints).
+
+        ``{"schedule": {"name": ..., <hyperparameters>}, "ema_dtype": str | None,
+        "nonfinite": str}``: the schedule and the dtype decide the numbers, the guard
+        only what happens to NaN/Inf.
+        """
+        schedule = {"name": "pycls"} | {
+            name: getattr(self, name)
+            for name in (
+                "ema_alpha",
+                "batch_size",
+                "max_epoch",
+                "update_period",
+                "warmup_epochs",
+                "steps_per_epoch",
+                "rule",
+            )
+        }
+        nonfinite = "propagate"
+        if self.skip_nonfinite:
+            nonfinite = "skip_and_count" if self.count_nonfinite else "skip"
+        dtype = None if self.ema_dtype is None else np.dtype(self.ema_dtype).name
+        return {"schedule": schedule, "ema_dtype": dtype, "nonfinite": nonfinite}
+
     def init(self, params: PyTree) -> EmaState:
         """Starts the EMA as a copy of ``params`` (floating leaves cast to ``ema_dtype``).
 
