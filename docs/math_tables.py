@@ -15,7 +15,7 @@ from typing import NamedTuple
 import ml_dtypes
 
 from ema_jax import _report as _explain
-from ema_jax import _validate as _schedule
+from ema_jax.schedules import _pycls as _schedule
 
 IMAGENET_SIZE = 1_281_167
 CIFAR_SIZE = 50_000

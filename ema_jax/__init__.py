@@ -1,23 +1,31 @@
-"""ema_jax: pycls's normalized exponential moving average of weights, for JAX/Flax."""
+"""ema_jax: the exponential moving average of model weights for JAX/Flax, under any schedule."""
 
+from ema_jax import schedules
+from ema_jax._normalized import NormalizedEma
+from ema_jax._normalized import normalized_ema
 from ema_jax._report import EmaReport
 from ema_jax._report import explain
+from ema_jax._report_schedule import ScheduleReport
+from ema_jax._transform import Ema
 from ema_jax._transform import EmaState
-from ema_jax._transform import NormalizedEma
-from ema_jax._transform import normalized_ema
+from ema_jax._transform import ema
 from ema_jax.linen import BestCheckpoints
 from ema_jax.linen import EmaTrainState
 from ema_jax.linen import restore_checkpoint
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BestCheckpoints",
+    "Ema",
     "EmaReport",
     "EmaState",
     "EmaTrainState",
     "NormalizedEma",
+    "ScheduleReport",
+    "ema",
     "explain",
     "normalized_ema",
     "restore_checkpoint",
+    "schedules",
 ]

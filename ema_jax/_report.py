@@ -13,16 +13,21 @@ from typing import Any
 from typing import Literal
 
 import ml_dtypes
-import numpy as np
 
-from ema_jax import _validate as _schedule
+from ema_jax import _validate
 from ema_jax._report_text import format_report
+from ema_jax.schedules import Pycls
+from ema_jax.schedules import Schedule
+from ema_jax.schedules import pycls
+from ema_jax.schedules._pycls import alpha_exact
+from ema_jax.schedules._pycls import alpha_linear
 
-DTYPE_ALIASES = {"fp64": "float64", "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+resolve_dtype = _validate.resolve_dtype
 Cadence = Literal["epoch", "run"]
 CADENCES: tuple[str, ...] = ("epoch", "run")
 APPROX_TOLERANCE = 0.01  # warn when the linear alpha is off the exact one by more
 CADENCE_TOLERANCE = 0.10  # warn when the per-epoch cadence speeds the EMA up by more
+DTYPE_GAP_TOLERANCE = 0.05  # warn when updates need a larger relative gap to register
 
 # Warnings start with a fixed tag, so that scripts (and tests) can pick them out.
 WARN_OFF = "EMA off: {why}, so the EMA never averages"
@@ -50,7 +55,7 @@ WARN_WARMUP = (
     " so the EMA only copies the weights"
 )
 WARN_DTYPE = (
-    "dtype: alpha {alpha:.3g} is below {dtype}'s resolution eps/2 = {half_eps:.3g}, so"
+    "dtype: with alpha {alpha:.3g} and {dtype}'s resolution eps/2 = {half_eps:.3g},"
     " updates can round away unless |params - ema| > {gap:.3g} * |ema| (and do below half"
     " that); keep the EMA in float32 (ema_dtype), or raise update_period (with rule='exact')"
 )
@@ -127,20 +132,6 @@ class EmaReport:
         return format_report(self)
 
 
-def resolve_dtype(dtype: Any) -> np.dtype:
-    """``dtype`` (a name such as "bfloat16" or "bf16", a NumPy/JAX dtype) as a NumPy dtype."""
-    if isinstance(dtype, str):
-        dtype = DTYPE_ALIASES.get(dtype, dtype)
-        if isinstance(getattr(ml_dtypes, dtype, None), type):
-            dtype = getattr(ml_dtypes, dtype)
-    try:
-        resolved = np.dtype(dtype)
-        ml_dtypes.finfo(resolved)
-    except (TypeError, ValueError):
-        raise ValueError(f"dtype must be a floating dtype, got {dtype!r}") from None
-    return resolved
-
-
 def steps_per_epoch_from(dataset_size: int, batch_size: float) -> int:
     """``dataset_size // batch_size``: pycls's train loader drops the last partial batch."""
     steps = math.floor(dataset_size / batch_size)
@@ -157,10 +148,10 @@ def _check_epoch_length(
 ) -> tuple[int | None, int | None]:
     spe = None
     if steps_per_epoch is not None:
-        spe = _schedule.check_positive_int("steps_per_epoch", steps_per_epoch)
+        spe = _validate.check_positive_int("steps_per_epoch", steps_per_epoch)
     if dataset_size is None:
         return spe, None
-    size = _schedule.check_positive_int("dataset_size", dataset_size)
+    size = _validate.check_positive_int("dataset_size", dataset_size)
     if spe is None:
         return steps_per_epoch_from(size, batch_size), size
     lo, hi = math.floor(size / batch_size), math.ceil(size / batch_size)
@@ -201,41 +192,38 @@ def half_life_in_updates(alpha: float) -> float:
 
 
 def explain(
+    schedule: Schedule | None = None,
+    /,
     *,
-    ema_alpha: float,
-    batch_size: float,
-    max_epoch: float,
-    update_period: int = 32,
-    warmup_epochs: int = 0,
-    steps_per_epoch: int | None = None,
     dataset_size: int | None = None,
-    rule: _schedule.Rule = "linear",
+    total_steps: int | None = None,
     dtype: Any = "float32",
-    cadence: Cadence = "epoch",
-) -> EmaReport:
-    r"""What pycls's EMA hyperparameters mean, before a training run is spent on them.
+    cadence: Cadence | None = None,
+    **pycls_hyperparameters: Any,
+) -> Any:
+    r"""What an EMA schedule means, before a training run is spent on it.
 
-    With :math:`x = \text{ema\_alpha}\cdot n\cdot k/m` (batch size n, update period k,
-    m epochs), the per-update step is :math:`\min(1, x)` (linear, pycls) or
-    :math:`1-(1-\text{ema\_alpha}/m)^{nk}` (exact). The half-life is
-    :math:`\ln 2/-\ln(1-\alpha)` updates of the chosen rule's alpha; an update spans
-    ``steps_per_epoch / updates_per_epoch`` optimizer steps on average (k when the
-    epoch length is unknown), and a step ``batch_size`` samples.
+    ``explain(schedule)`` reports on any schedule from :mod:`ema_jax.schedules`;
+    ``explain(ema_alpha=..., batch_size=..., max_epoch=..., ...)`` on pycls's
+    hyperparameters (those of :class:`ema_jax.schedules.Pycls`), as
+    ``explain(schedules.pycls(...))`` does. A pycls schedule gives an
+    :class:`EmaReport` (:func:`explain_pycls`); any other a
+    :class:`~ema_jax.ScheduleReport` (its step sizes over the run, half-lives, warnings).
 
     Args:
-      ema_alpha, batch_size, max_epoch, update_period, warmup_epochs, rule: as for
-        :func:`ema_jax.normalized_ema`, with the same checks and messages.
-      steps_per_epoch: optimizer steps per epoch.
-      dataset_size: samples per epoch; gives ``steps_per_epoch = dataset_size //
-        batch_size`` (pycls's train loader drops the last partial batch). With both,
-        ``steps_per_epoch`` must be the floor or the ceiling of their ratio.
+      schedule: the schedule; None builds ``schedules.pycls(**pycls_hyperparameters)``.
+      dataset_size: samples per epoch (pycls): gives ``steps_per_epoch =
+        dataset_size // batch_size`` when the schedule has none.
+      total_steps: optimizer steps in the run, for schedules that do not know it.
       dtype: the EMA's dtype, for the resolution check ("float32", "bfloat16", ...).
-      cadence: "epoch" restarts the update cadence every epoch, as pycls and
-        ``normalized_ema(steps_per_epoch=...)`` do; "run" counts it over the whole
-        run, as ``normalized_ema`` does without ``steps_per_epoch``.
+      cadence: pycls only: "epoch" restarts the update cadence every epoch, "run"
+        counts it over the whole run; None takes the schedule's own (and "epoch"
+        for hyperparameters given as keywords, as pycls does).
+      **pycls_hyperparameters: ``ema_alpha``, ``batch_size``, ``max_epoch``,
+        ``update_period``, ``warmup_epochs``, ``steps_per_epoch``, ``rule``.
 
     Returns:
-      An :class:`EmaReport`: ``print`` it, or log ``report.to_dict()``.
+      A report: ``print`` it, or log ``report.to_dict()``.
 
     Raises:
       ValueError: an argument out of range, named with its value.
@@ -249,22 +237,75 @@ def explain(
       >>> round(r.half_life_epochs, 1), round(r.half_life_fraction, 4)
       (10.8, 0.0541)
     """
-    ema_alpha = _schedule.check_nonnegative_real("ema_alpha", ema_alpha)
-    batch_size = _schedule.check_positive_real("batch_size", batch_size)
-    max_epoch = _schedule.check_positive_real("max_epoch", max_epoch)
-    k = _schedule.check_nonnegative_int("update_period", update_period)
-    warmup = _schedule.check_nonnegative_int("warmup_epochs", warmup_epochs)
-    spe, size = _check_epoch_length(steps_per_epoch, dataset_size, batch_size)
-    rule = _schedule.check_rule(rule)
-    if cadence not in CADENCES:
-        raise ValueError(f"cadence must be one of {CADENCES}, got {cadence!r}")
+    if schedule is None:
+        spe = pycls_hyperparameters.get("steps_per_epoch")
+        if spe is None and dataset_size is not None and "batch_size" in pycls_hyperparameters:
+            batch = _validate.check_positive_real("batch_size", pycls_hyperparameters["batch_size"])
+            size = _validate.check_positive_int("dataset_size", dataset_size)
+            pycls_hyperparameters["steps_per_epoch"] = steps_per_epoch_from(size, batch)
+        schedule = pycls(**pycls_hyperparameters)
+        cadence = "epoch" if cadence is None else cadence
+    elif pycls_hyperparameters:
+        raise TypeError(
+            f"explain got a schedule and hyperparameters {sorted(pycls_hyperparameters)}:"
+            " pass one or the other"
+        )
+    if isinstance(schedule, Pycls):
+        if total_steps is not None:
+            raise ValueError(
+                f"total_steps={total_steps!r} does not apply to a pycls schedule: its run is"
+                " max_epoch epochs of steps_per_epoch steps"
+            )
+        if cadence is None:
+            cadence = "run" if schedule.steps_per_epoch is None else "epoch"
+        return explain_pycls(schedule, dataset_size=dataset_size, dtype=dtype, cadence=cadence)
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule must be a schedule from ema_jax.schedules, got {schedule!r}")
+    for name, value in (("dataset_size", dataset_size), ("cadence", cadence)):
+        if value is not None:
+            raise ValueError(f"{name}={value!r} applies to pycls schedules only")
+    from ema_jax._report_schedule import explain_schedule
+
+    return explain_schedule(schedule, total_steps=total_steps, dtype=dtype)
+
+
+def explain_pycls(
+    schedule: Pycls,
+    *,
+    dataset_size: int | None = None,
+    dtype: Any = "float32",
+    cadence: Cadence = "epoch",
+) -> EmaReport:
+    r"""What pycls's EMA hyperparameters mean: :func:`explain` of a pycls schedule.
+
+    With :math:`x = \text{ema\_alpha}\cdot n\cdot k/m` (batch size n, update period k,
+    m epochs), the per-update step is :math:`\min(1, x)` (linear, pycls) or
+    :math:`1-(1-\text{ema\_alpha}/m)^{nk}` (exact). The half-life is
+    :math:`\ln 2/-\ln(1-\alpha)` updates of the chosen rule's alpha; an update spans
+    ``steps_per_epoch / updates_per_epoch`` optimizer steps on average (k when the
+    epoch length is unknown), and a step ``batch_size`` samples.
+
+    Args:
+      schedule: the pycls schedule.
+      dataset_size: samples per epoch; gives ``steps_per_epoch = dataset_size //
+        batch_size`` (pycls's train loader drops the last partial batch). With both,
+        ``steps_per_epoch`` must be the floor or the ceiling of their ratio.
+      dtype: the EMA's dtype, for the resolution check ("float32", "bfloat16", ...).
+      cadence: "epoch" restarts the update cadence every epoch, as pycls does; "run"
+        counts it over the whole run.
+    """
+    s = schedule
+    ema_alpha, batch_size, max_epoch = s.ema_alpha, s.batch_size, s.max_epoch
+    k, warmup, rule = s.update_period, s.warmup_epochs, s.rule
+    spe, size = _check_epoch_length(s.steps_per_epoch, dataset_size, batch_size)
+    _validate.check_choice("cadence", cadence, CADENCES)
     resolved = resolve_dtype(dtype)
     eps = float(ml_dtypes.finfo(resolved).eps)
 
-    a_lin = _schedule.alpha_linear(ema_alpha, batch_size, max_epoch, k)
-    a_exact = _schedule.alpha_exact(ema_alpha, batch_size, max_epoch, k)
+    a_lin = alpha_linear(ema_alpha, batch_size, max_epoch, k)
+    a_exact = alpha_exact(ema_alpha, batch_size, max_epoch, k)
     alpha = a_lin if rule == "linear" else a_exact
-    x = ema_alpha * (batch_size / max_epoch * k)
+    x = ema_alpha * (batch_size / max_epoch * k) if ema_alpha else 0.0
     # The linear alpha is never below the exact one (Bernoulli's inequality).
     rel_diff = a_lin / a_exact - 1.0 if a_exact > 0.0 else (0.0 if a_lin == 0.0 else math.inf)
 
@@ -315,7 +356,7 @@ def explain(
         assert h_epochs is not None and start_weight is not None
         after = max_epoch - warmup
         warnings.append(WARN_HALF_LIFE.format(half_life=h_epochs, after=after, start=start_weight))
-    if 0.0 < alpha < eps / 2.0:
+    if alpha > 0.0 and gap > DTYPE_GAP_TOLERANCE:
         warnings.append(
             WARN_DTYPE.format(alpha=alpha, dtype=resolved.name, half_eps=eps / 2.0, gap=gap)
         )

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ema_jax._report import EmaReport
+    from ema_jax._report_schedule import ScheduleReport
 
 
 _UNKNOWN = "unknown (needs steps_per_epoch or dataset_size)"
@@ -75,3 +76,60 @@ def format_report(report: EmaReport) -> str:
         *(f"  - {w}" for w in r.warnings),
     ]
     return "\n".join(lines)
+
+
+def format_schedule_report(report: ScheduleReport) -> str:
+    """A :class:`~ema_jax.ScheduleReport` as a table for people."""
+    r = report
+    hyper = " ".join(f"{k}={v!r}" for k, v in r.settings.items() if k != "name")
+    end_rows = [
+        (
+            "EMA updates",
+            "unknown (needs total_steps)"
+            if r.updates_total is None
+            else f"{r.updates_total:,} in {r.total_steps:,} steps, every {r.update_period}"
+            + ("" if r.copy_updates is None else f"; {r.copy_updates:,} copy the weights"),
+        ),
+        ("alpha at the end", _opt(r.alpha_end, ".6g")),
+        ("half-life at the end, updates", _opt(r.half_life_updates, ".5g")),
+        ("half-life at the end, steps", _opt(r.half_life_steps, "count")),
+        ("half-life at the end, samples", _opt(r.half_life_samples, "count")),
+        ("half-life at the end, share", _opt(r.half_life_fraction, ".2%")),
+        ("start weights' share at end", _opt(r.start_weight_at_end, ".3g")),
+        (
+            f"{r.dtype} resolution, eps/2",
+            f"{r.dtype_eps / 2:.3g}"
+            + (
+                ""
+                if r.min_registered_gap is None
+                else f" (updates register when |params - ema| > {_fmt(r.min_registered_gap, '.3g')}"
+                " * |ema|)"
+            ),
+        ),
+    ]
+    if r.fixed_point_bias is not None:
+        end_rows.append(("fixed point of the blend", f"{1 + r.fixed_point_bias:.8g} x params"))
+    width = max(len(label) for label, _ in end_rows)
+    header = f"  {'step':>12}  {'alpha':>11}  {'half-life, steps':>16}  {'samples':>14}  share"
+    curve = [
+        f"  {step:>12,}  {alpha:>11.5g}  {_fmt(h, 'count'):>16}  {_opt(s, 'count'):>14}"
+        f"  {_opt(f, '.2%')}"
+        for step, alpha, h, s, f in r.curve
+    ]
+    lines = [
+        f"EMA of weights: schedule={r.schedule} {hyper} dtype={r.dtype}",
+        "",
+        "step sizes over the run (at updates):",
+        header,
+        *curve,
+        "",
+        *(f"  {label:<{width}}  {value}" for label, value in end_rows),
+        "",
+        "warnings:" + ("" if r.warnings else " none"),
+        *(f"  - {w}" for w in r.warnings),
+    ]
+    return "\n".join(lines)
+
+
+def _opt(value: float | None, spec: str) -> str:
+    return "-" if value is None else _fmt(value, spec)

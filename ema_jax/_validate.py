@@ -1,7 +1,8 @@
-"""Step-size rules and hyperparameter validation: pure Python, no JAX.
+"""Argument checks shared by every public entry point: pure Python, no JAX.
 
-Everything here is resolved once, when a transform is built, so that the jitted
-update sees only Python constants.
+Each check returns the value as a plain Python number (or dtype) or raises
+``ValueError`` naming the argument and the value, so that a bad hyperparameter never
+surfaces as a tracing error.
 """
 
 from __future__ import annotations
@@ -9,11 +10,12 @@ from __future__ import annotations
 import math
 import numbers
 from typing import Any
-from typing import Literal
 
-Rule = Literal["linear", "exact"]
-RULES: tuple[str, ...] = ("linear", "exact")
+import ml_dtypes
+import numpy as np
+
 INT32_MAX = 2**31 - 1
+DTYPE_ALIASES = {"fp64": "float64", "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def _is_real(value: Any) -> bool:
@@ -43,6 +45,22 @@ def check_positive_real(name: str, value: Any) -> float:
     return _plain(value)
 
 
+def check_real_in(name: str, value: Any, interval: str) -> float:
+    """Returns ``value`` as a float, or raises if it is not in ``interval``.
+
+    ``interval`` is written as in the error message: "[0, 1)", "(0, 1]", "[0, 1]".
+    """
+    lo, hi = (float(bound) for bound in interval[1:-1].split(","))
+    ok = _is_real(value) and math.isfinite(value)
+    if ok:
+        ok = (value >= lo if interval[0] == "[" else value > lo) and (
+            value <= hi if interval[-1] == "]" else value < hi
+        )
+    if not ok:
+        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
+    return float(value)
+
+
 def check_nonnegative_int(name: str, value: Any) -> int:
     """Returns ``value`` as an int, or raises if it is not an integer in [0, 2**31)."""
     if not _is_int(value) or not 0 <= value <= INT32_MAX:
@@ -57,40 +75,41 @@ def check_positive_int(name: str, value: Any) -> int:
     return int(value)
 
 
-def check_rule(rule: Any) -> Rule:
-    if rule not in RULES:
-        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
-    return rule
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
 
 
-def alpha_linear(
-    ema_alpha: float, batch_size: float, max_epoch: float, update_period: int
-) -> float:
-    """pycls's per-update step size: ``min(1, ema_alpha * batch_size / max_epoch * k)``.
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {value!r}")
+    return value
 
-    The operations are done in pycls's order, so the float is bit-identical to
-    the one pycls computes.
+
+def check_alpha(alpha: float, where: str) -> float:
+    """A resolved step size must be a finite number in [0, 1]; ``where`` names its inputs."""
+    if not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
+        raise ValueError(
+            f"{where} give a step size alpha={alpha!r}, which is not a number in [0, 1]"
+        )
+    return alpha
+
+
+def resolve_dtype(dtype: Any, name: str = "dtype") -> np.dtype:
+    """``dtype`` (a name such as "bfloat16" or "bf16", a NumPy/JAX dtype) as a NumPy dtype.
+
+    Raises ``ValueError`` naming ``name`` unless it is a floating dtype.
     """
-    adjust = batch_size / max_epoch * update_period
-    return min(1.0, ema_alpha * adjust)
-
-
-def alpha_exact(ema_alpha: float, batch_size: float, max_epoch: float, update_period: int) -> float:
-    """The exact step size with the same per-sample history as the linear rule.
-
-    ``1 - (1 - ema_alpha / max_epoch) ** (batch_size * update_period)``, computed
-    as ``-expm1(n * k * log1p(-r))`` so that tiny rates do not round away, and
-    1.0 when the per-sample rate ``r = ema_alpha / max_epoch`` is 1 or more.
-    """
-    rate = ema_alpha / max_epoch
-    if rate >= 1.0:
-        return 1.0
-    return -math.expm1(batch_size * update_period * math.log1p(-rate))
-
-
-def resolve_alpha(
-    rule: Rule, ema_alpha: float, batch_size: float, max_epoch: float, update_period: int
-) -> float:
-    """The per-update step size under ``rule`` ("linear" or "exact")."""
-    fn = alpha_linear if rule == "linear" else alpha_exact
-    return fn(ema_alpha, batch_size, max_epoch, update_period)
+    if isinstance(dtype, str):
+        dtype = DTYPE_ALIASES.get(dtype, dtype)
+        if isinstance(getattr(ml_dtypes, dtype, None), type):
+            dtype = getattr(ml_dtypes, dtype)
+    try:
+        resolved = np.dtype(getattr(dtype, "dtype", dtype))
+        ml_dtypes.finfo(resolved)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a floating dtype, got {dtype!r}") from None
+    if resolved.kind == "c":
+        raise ValueError(f"{name} must be a real floating dtype, got {dtype!r}")
+    return resolved

@@ -328,7 +328,7 @@ TRAIN_STATE_CASES = [
             apply_fn=None, params={}, tx=optax.sgd(0.1), ema=0.999
         ),
         TypeError,
-        "ema must be a transform from ema_jax.normalized_ema, got 0.999",
+        "ema must be a transform from ema_jax.ema(schedule) (or ema_jax.normalized_ema), got 0.999",
     ),
     Case(
         "EmaTrainState.create",
@@ -337,7 +337,7 @@ TRAIN_STATE_CASES = [
             apply_fn=None, params={}, tx=optax.sgd(0.1), ema=optax.ema(0.9)
         ),
         TypeError,
-        "ema must be a transform from ema_jax.normalized_ema",
+        "ema must be a transform from ema_jax.ema(schedule)",
     ),
     Case(
         "EmaTrainState.create",

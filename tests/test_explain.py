@@ -228,6 +228,8 @@ WARNINGS = [
     (dict(steps_per_epoch=48), "cadence"),  # pycls's cifar_best: 2 updates of 32 in 48 steps
     (dict(dtype="bfloat16", max_epoch=400), "dtype"),
     (dict(dtype="float16", ema_alpha=1e-5, max_epoch=200), "dtype"),
+    # Issue 15: in bfloat16 CIFAR's alpha 0.01024 needs a 38% gap to register.
+    (dict(dtype="bfloat16", ema_alpha=2.5e-4, batch_size=128, max_epoch=100), "dtype"),
 ]
 TAGS = sorted({tag for _, tag in WARNINGS})
 
@@ -238,7 +240,7 @@ def test_each_warning_fires_on_its_case(override, tag):
     assert [w for w in warnings if w.startswith(tag + ":")], warnings
 
 
-@pytest.mark.parametrize("config", [CLEAN, IMAGENET, CIFAR | dict(dtype="bfloat16")])
+@pytest.mark.parametrize("config", [CLEAN, IMAGENET, CIFAR])
 def test_a_sound_configuration_has_no_warnings(config):
     assert ema_jax.explain(**config).warnings == ()
 

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from ema_jax import _validate as _schedule
+from ema_jax.schedules import _pycls as _schedule
 
 import math_tables as _math_tables
 

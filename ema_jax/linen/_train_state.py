@@ -1,4 +1,4 @@
-"""`EmaTrainState`: a flax `TrainState` that carries a `normalized_ema` of its weights."""
+"""`EmaTrainState`: a flax `TrainState` that carries an EMA of its weights."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import optax
 from flax import struct
 from flax.training import train_state
 
+from ema_jax._transform import Ema
 from ema_jax._transform import EmaState
-from ema_jax._transform import NormalizedEma
 
 PyTree = Any
 
@@ -25,7 +25,8 @@ class EmaTrainState(train_state.TrainState):
     and checkpointed with the rest.
 
     Attributes:
-      ema: the :class:`~ema_jax.NormalizedEma` transform (static).
+      ema: the transform from :func:`ema_jax.ema` or :func:`ema_jax.normalized_ema`
+        (static).
       ema_state: its :class:`~ema_jax.EmaState`; ``ema_state.ema`` is
         ``{"params": ..., "batch_stats": ...}`` (no ``"batch_stats"`` without them).
       batch_stats: the model's BatchNorm statistics, or None.
@@ -47,7 +48,7 @@ class EmaTrainState(train_state.TrainState):
       >>> logits = state.apply_fn({"params": state.ema_params}, jnp.ones((1, 3)))
     """
 
-    ema: NormalizedEma = struct.field(pytree_node=False)
+    ema: Ema = struct.field(pytree_node=False)
     ema_state: EmaState = struct.field(pytree_node=True)
     batch_stats: PyTree = struct.field(pytree_node=True, default=None)
 
@@ -103,7 +104,7 @@ class EmaTrainState(train_state.TrainState):
         apply_fn: Any,
         params: PyTree,
         tx: optax.GradientTransformation,
-        ema: NormalizedEma,
+        ema: Ema,
         batch_stats: PyTree = None,
         **kwargs: Any,
     ) -> EmaTrainState:
@@ -112,8 +113,11 @@ class EmaTrainState(train_state.TrainState):
         ``step`` is an int32 array, not flax's Python ``0``, so that a jitted train
         step compiles once for the whole run.
         """
-        if not isinstance(ema, NormalizedEma):
-            raise TypeError(f"ema must be a transform from ema_jax.normalized_ema, got {ema!r}")
+        if not isinstance(ema, Ema):
+            raise TypeError(
+                "ema must be a transform from ema_jax.ema(schedule) (or"
+                f" ema_jax.normalized_ema), got {ema!r}"
+            )
         return cls(
             step=jnp.zeros((), jnp.int32),
             apply_fn=apply_fn,

@@ -1,0 +1,46 @@
+"""Step-size schedules for :func:`ema_jax.ema`: one family per module.
+
+Each schedule says, for update call ``i`` (0-based, ``EmaState.step`` before the
+call), whether the EMA updates and with which step size ``alpha``
+(``ema <- ema + alpha * (params - ema)``; 1 is a copy).
+"""
+
+from ema_jax.schedules._base import Plan
+from ema_jax.schedules._base import Schedule
+from ema_jax.schedules._constant import Constant
+from ema_jax.schedules._constant import constant
+from ema_jax.schedules._edm import Halflife
+from ema_jax.schedules._edm import PowerFunction
+from ema_jax.schedules._edm import gamma_of_sigma_rel
+from ema_jax.schedules._edm import halflife
+from ema_jax.schedules._edm import power_function
+from ema_jax.schedules._edm import sigma_rel_of_gamma
+from ema_jax.schedules._fraction import FractionOfTraining
+from ema_jax.schedules._fraction import fraction_of_training
+from ema_jax.schedules._pycls import Pycls
+from ema_jax.schedules._pycls import pycls
+from ema_jax.schedules._warmup import TfWarmup
+from ema_jax.schedules._warmup import WarmupPower
+from ema_jax.schedules._warmup import tf_warmup
+from ema_jax.schedules._warmup import warmup_power
+
+__all__ = [
+    "Constant",
+    "FractionOfTraining",
+    "Halflife",
+    "Plan",
+    "PowerFunction",
+    "Pycls",
+    "Schedule",
+    "TfWarmup",
+    "WarmupPower",
+    "constant",
+    "fraction_of_training",
+    "gamma_of_sigma_rel",
+    "halflife",
+    "power_function",
+    "pycls",
+    "sigma_rel_of_gamma",
+    "tf_warmup",
+    "warmup_power",
+]

@@ -1,0 +1,85 @@
+"""A constant decay, as flax ``nnx.EMA`` and ``optax.incremental_update``, optionally debiased."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from ema_jax import _validate
+from ema_jax.schedules._base import Scalar
+from ema_jax.schedules._base import Schedule
+from ema_jax.schedules._base import real
+
+
+@dataclasses.dataclass(frozen=True)
+class Constant(Schedule):
+    r"""A constant decay: every ``update_period`` calls, ``ema = decay * ema + (1 - decay) * p``.
+
+    The average is computed in the same float operations, in the same order, as flax's
+    ``nnx.EMA.update`` (``flax/nnx/training/ema.py``:
+    ``ema[...] = self.decay * ema + (1.0 - self.decay) * update``), so with
+    ``update_period=1`` it is bit-identical to ``nnx.EMA(model, decay)``; it is also
+    ``optax.incremental_update(new, old, 1 - decay)`` and torch's
+    ``get_ema_multi_avg_fn(decay)`` (up to rounding).
+
+    That form rounds ``decay`` and ``1 - decay`` separately, so in float32 their sum is
+    not exactly 1 and the average settles at ``(1 - decay) / (1 - fl(decay))`` times a
+    constant parameter: off by 0.02% at decay 0.9999 and 1.3% at 0.999999.
+    :func:`ema_jax.explain` reports it (``fixed_point_bias``) and warns above 0.1%;
+    use an ``ema_dtype`` of float64 or :func:`fraction_of_training` /
+    :func:`halflife` (which blend as ``ema + alpha * (p - ema)``) at such decays.
+
+    ``debias=True`` gives the zero-initialised, bias-corrected EMA (Haiku's
+    ``ExponentialMovingAverage(zero_debias=True)``, optax's ``bias_correction``) with
+    no extra state: the u-th update (1-based) has step size
+
+    .. math::
+      \alpha_u = \frac{1 - \text{decay}}{1 - \text{decay}^u},
+
+    so the first update copies the parameters and the average equals the zero-started
+    EMA divided by :math:`1 - \text{decay}^u`.
+
+    Args:
+      decay: the weight of the old average, in [0, 1).
+      update_period: update every this many calls (>= 1).
+      debias: bias-correct the average as if it started from zeros.
+
+    Example:
+      >>> from ema_jax import schedules
+      >>> s = schedules.constant(0.9)
+      >>> round(s.alpha_at(5), 12)
+      0.1
+      >>> d = schedules.constant(0.9, debias=True)
+      >>> d.alpha_at(0), round(d.alpha_at(1), 6)  # 0.1 / (1 - 0.81)
+      (1.0, 0.526316)
+    """
+
+    name = "constant"
+    decay: float
+    _: dataclasses.KW_ONLY
+    update_period: int = 1
+    debias: bool = False
+
+    def __post_init__(self) -> None:
+        s = object.__setattr__
+        s(self, "decay", _validate.check_real_in("decay", self.decay, "[0, 1)"))
+        s(self, "update_period", _validate.check_positive_int("update_period", self.update_period))
+        s(self, "debias", _validate.check_bool("debias", self.debias))
+
+    def _alpha(self, i: Scalar, xp: Any) -> Any:
+        if not self.debias:
+            return 1.0 - self.decay
+        updates = real(i // self.update_period + 1, xp)  # u, 1-based
+        # 1 - decay**u, exact for decays near 1 (decay 0: log1p(-1) = -inf, a copy).
+        log_decay = math.log(self.decay) if self.decay > 0.0 else -math.inf
+        return (1.0 - self.decay) / -xp.expm1(updates * log_decay)
+
+    def _copies(self, i: Scalar, xp: Any) -> Any:
+        return self.debias and i < self.update_period  # the first update of a debiased EMA
+
+    def _keep(self) -> float | None:
+        return None if self.debias else self.decay
+
+
+constant = Constant
