@@ -7,6 +7,7 @@ from ema_jax._transform import NormalizedEma
 from ema_jax._transform import normalized_ema
 from ema_jax.linen import BestCheckpoints
 from ema_jax.linen import EmaTrainState
+from ema_jax.linen import precise_batch_stats
 from ema_jax.linen import restore_checkpoint
 
 __version__ = "0.1.0"
@@ -19,5 +20,6 @@ __all__ = [
     "NormalizedEma",
     "explain",
     "normalized_ema",
+    "precise_batch_stats",
     "restore_checkpoint",
 ]

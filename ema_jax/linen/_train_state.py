@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -10,8 +12,10 @@ import optax
 from flax import struct
 from flax.training import train_state
 
+from ema_jax._batch_stats import NUM_SAMPLES
 from ema_jax._transform import EmaState
 from ema_jax._transform import NormalizedEma
+from ema_jax.linen._precise_bn import precise_batch_stats_pair
 
 PyTree = Any
 
@@ -95,6 +99,81 @@ class EmaTrainState(train_state.TrainState):
             batch_stats=stats,
             ema_state=ema_state,
         )
+
+    def with_precise_batch_stats(
+        self,
+        batches: Iterable[Any],
+        *,
+        num_samples: int = NUM_SAMPLES,
+        apply_kwargs: Mapping[str, Any] | None = None,
+    ) -> EmaTrainState:
+        """pycls's end of epoch: precise BatchNorm statistics for the raw and the EMA model.
+
+        pycls's trainer, after every epoch with ``BN.USE_PRECISE_STATS`` (its default),
+        calls ``compute_precise_bn_stats`` on the model and on the EMA model, which
+        overwrites both models' running statistics. This does the same with
+        :func:`ema_jax.precise_batch_stats` (see there for the exact statistics),
+        in one pass over ``batches`` and one compilation for both models.
+
+        The EMA's recomputed statistics replace the averaged ones inside
+        ``ema_state``, as pycls overwrites the EMA model's buffers: the EMA's later
+        updates keep averaging from there, and ``ema_variables()`` evaluates the EMA
+        weights with statistics computed under those weights. Averaged statistics
+        belong to no single set of weights; these belong to the EMA's. Evaluate the
+        EMA with its averaged statistics (``ema_variables()``) before this call to
+        compare the two.
+
+        Call it outside the jitted train step, after an epoch, with training batches;
+        then evaluate and checkpoint the returned state. ``step`` and everything
+        but the two sets of BatchNorm statistics are unchanged.
+
+        Args:
+          batches: an iterable of model inputs (see :func:`ema_jax.precise_batch_stats`),
+            consumed once.
+          num_samples: pycls's ``BN.NUM_SAMPLES_PRECISE``.
+          apply_kwargs: keyword arguments that put the model in training mode;
+            default ``{"train": True}``.
+
+        Returns:
+          The state with ``batch_stats`` and ``ema_batch_stats`` recomputed.
+
+        Raises:
+          ValueError: the state has no ``batch_stats``, or any error of
+            :func:`ema_jax.precise_batch_stats`.
+
+        Example:
+          >>> import flax.linen as nn, jax, jax.numpy as jnp, optax
+          >>> import ema_jax
+          >>> class Net(nn.Module):
+          ...     @nn.compact
+          ...     def __call__(self, x, train=True):
+          ...         return nn.BatchNorm(use_running_average=not train)(nn.Dense(2)(x))
+          >>> model = Net()
+          >>> variables = model.init(jax.random.key(0), jnp.ones((1, 3)))
+          >>> ema = ema_jax.normalized_ema(ema_alpha=1e-3, batch_size=4, max_epoch=10)
+          >>> state = ema_jax.EmaTrainState.create(
+          ...     apply_fn=model.apply, params=variables["params"],
+          ...     batch_stats=variables["batch_stats"], tx=optax.sgd(0.1), ema=ema)
+          >>> batches = [jax.random.normal(jax.random.key(i), (4, 3)) for i in range(3)]
+          >>> state = state.with_precise_batch_stats(batches)
+          >>> logits = state.apply_fn(state.ema_variables(), batches[0], train=False)
+        """
+        if self.batch_stats is None:
+            raise ValueError(
+                "with_precise_batch_stats needs a state with batch_stats, but this one has"
+                " none: the model has no BatchNorm statistics to recompute"
+            )
+        raw = {"params": self.params, "batch_stats": self.batch_stats}
+        raw_stats, ema_stats = precise_batch_stats_pair(
+            self.apply_fn,
+            raw,
+            self.ema_variables(),
+            batches,
+            num_samples=num_samples,
+            apply_kwargs=apply_kwargs,
+        )
+        ema = {**self.ema_state.ema, "batch_stats": ema_stats}
+        return self.replace(batch_stats=raw_stats, ema_state=self.ema_state._replace(ema=ema))
 
     @classmethod
     def create(  # type: ignore[override]  # `ema` is required: it is what this class adds
