@@ -28,7 +28,18 @@ class EmaTrainState(train_state.TrainState):
     static; its state ``ema_state`` is part of the pytree, so it is jitted, donated
     and checkpointed with the rest.
 
+    Gradient accumulation: with ``tx = optax.MultiSteps(opt, every_k_schedule=k)``
+    the weights change only on every k-th call of ``apply_gradients``, and the EMA
+    is updated on those calls only (a ``lax.cond`` on the optimizer's own state, no
+    host sync): its cadence and warmup count optimizer steps, not micro-batches.
+    Build the EMA for optimizer steps: ``batch_size`` is the global batch of one
+    optimizer step (k micro-batches together), ``steps_per_epoch`` counts optimizer
+    steps.
+
     Attributes:
+      step: calls of ``apply_gradients`` (flax's meaning): micro-batches under
+        ``optax.MultiSteps``, optimizer steps otherwise. ``ema_state.step`` counts
+        the optimizer steps that applied.
       ema: the :class:`~ema_jax.NormalizedEma` transform (static).
       ema_state: its :class:`~ema_jax.EmaState`; ``ema_state.ema`` is
         ``{"params": ..., "batch_stats": ...}`` (no ``"batch_stats"`` without them).
@@ -82,7 +93,8 @@ class EmaTrainState(train_state.TrainState):
 
         Returns:
           The new state, ``step`` advanced by one (saturating), ``ema_state``
-          updated by ``ema.update``.
+          updated by ``ema.update`` if the optimizer applied its update (always,
+          unless ``tx`` is an ``optax.MultiSteps`` still accumulating).
         """
         if (batch_stats is None) != (self.batch_stats is None):
             has = "has" if self.batch_stats is not None else "has no"
@@ -93,7 +105,14 @@ class EmaTrainState(train_state.TrainState):
             )
         new = super().apply_gradients(grads=grads, **kwargs)
         stats = batch_stats if batch_stats is not None else self.batch_stats
-        ema_state = self.ema.update(_variables(new.params, stats), self.ema_state)
+        variables = _variables(new.params, stats)
+        applied = _optimizer_applied(self.opt_state, new.opt_state)
+        if applied is None:
+            ema_state = self.ema.update(variables, self.ema_state)
+        else:
+            ema_state = jax.lax.cond(
+                applied, self.ema.update, lambda _, state: state, variables, self.ema_state
+            )
         return new.replace(
             step=optax.safe_increment(jnp.asarray(self.step, jnp.int32)),
             batch_stats=stats,
@@ -211,6 +230,35 @@ def _variables(params: PyTree, batch_stats: PyTree) -> dict[str, PyTree]:
     if batch_stats is None:
         return {"params": params}
     return {"params": params, "batch_stats": batch_stats}
+
+
+def _optimizer_applied(before: PyTree, after: PyTree) -> jax.Array | None:
+    """Whether the optimizer applied an update (a traced bool), or None if it always does.
+
+    None unless ``opt_state`` holds an ``optax.MultiStepsState``. ``MultiSteps``
+    bumps ``gradient_step`` exactly when it applies (and resets ``mini_step`` to 0);
+    a mini-step rejected by ``should_skip_update_fn`` changes neither. The reset
+    covers ``gradient_step`` saturating at ``2**31 - 1`` when ``k > 1``.
+    """
+    found = _multi_steps_states(before)
+    if not found:
+        return None
+    if len(found) > 1:
+        raise ValueError(
+            f"opt_state holds {len(found)} optax.MultiStepsState: EmaTrainState cannot tell"
+            " which one decides when the weights change; wrap the whole optimizer in one"
+            " optax.MultiSteps"
+        )
+    (old,), (new,) = found, _multi_steps_states(after)
+    reset = (new.mini_step == 0) & (old.mini_step != 0)
+    return (new.gradient_step != old.gradient_step) | reset
+
+
+def _multi_steps_states(opt_state: PyTree) -> list[optax.MultiStepsState]:
+    def is_multi(x: Any) -> bool:
+        return isinstance(x, optax.MultiStepsState)
+
+    return [x for x in jax.tree.leaves(opt_state, is_leaf=is_multi) if is_multi(x)]
 
 
 def _describe(tree: PyTree) -> str:
