@@ -159,12 +159,14 @@ def precise_batch_stats(
       \text{mean} = \frac{1}{n}\sum_{i=1}^{n}\mu_i,\qquad
       \text{var} = \frac{1}{n}\sum_{i=1}^{n}\sigma^2_i .
 
-    This is pycls's ``compute_precise_bn_stats`` (``pycls/core/net.py``, lines 24-53 of
-    the version that also holds ``update_model_ema``; ``BN.NUM_SAMPLES_PRECISE`` is
-    8192 and ``BN.USE_PRECISE_STATS`` True in ``pycls/core/config.py``), which sets
+    This is pycls's ``compute_precise_bn_stats`` (facebookresearch/pycls,
+    ``pycls/core/net.py`` lines 24-53 in the version that also defines
+    ``update_model_ema``; ``train_model`` in ``pycls/core/trainer.py`` calls it on the
+    model and on the EMA model after every epoch; ``pycls/core/config.py`` sets
+    ``BN.USE_PRECISE_STATS = True`` and ``BN.NUM_SAMPLES_PRECISE = 8192``). It sets
     each layer's momentum to 1 so that its running statistics hold one batch's, and
     averages them over ``int(NUM_SAMPLES_PRECISE / loader.batch_size / NUM_GPUS)``
-    batches. What is reproduced, and what differs:
+    batches (the global batch). What is reproduced, and what differs:
 
     - The variance is the layer's own: flax stores the biased batch variance
       (divided by the number of reduced entries :math:`N`), PyTorch the unbiased one
