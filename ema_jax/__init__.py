@@ -11,6 +11,7 @@ from ema_jax._transform import EmaState
 from ema_jax._transform import ema
 from ema_jax.linen import BestCheckpoints
 from ema_jax.linen import EmaTrainState
+from ema_jax.linen import precise_batch_stats
 from ema_jax.linen import restore_checkpoint
 
 __version__ = "0.2.0"
@@ -26,6 +27,7 @@ __all__ = [
     "ema",
     "explain",
     "normalized_ema",
+    "precise_batch_stats",
     "restore_checkpoint",
     "schedules",
 ]

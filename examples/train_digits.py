@@ -2,8 +2,11 @@
 
 Each epoch evaluates the raw and the EMA weights on a held-out split and checkpoints
 everything with orbax into ``--workdir``; run it again and it resumes (or, when the
-run is complete, just prints the results). At the end it prints a table of raw vs EMA
-test accuracy and writes ``curves.png`` into the workdir.
+run is complete, just prints the results). Like pycls (``BN.USE_PRECISE_STATS``), after
+every epoch it recomputes the BatchNorm statistics of the raw and of the EMA weights
+on training batches (``--no-precise-bn`` turns that off). At the end it prints a table
+of test accuracy: raw weights, EMA weights with their averaged BatchNorm statistics,
+EMA weights with precise ones; and writes ``curves.png`` into the workdir.
 
 Run: python examples/train_digits.py [--workdir workdir/digits] [--epochs 20]
 """
@@ -28,8 +31,19 @@ from tqdm import tqdm
 
 import ema_jax
 
+NUM_SAMPLES_PRECISE = 8192  # pycls's BN.NUM_SAMPLES_PRECISE, precise_batch_stats' default
+
 # The settings a checkpoint belongs to: resuming with other values would mix two runs.
-RUN_SETTINGS = ("epochs", "batch_size", "lr", "ema_alpha", "update_period", "seed", "quick")
+RUN_SETTINGS = (
+    "epochs",
+    "batch_size",
+    "lr",
+    "ema_alpha",
+    "update_period",
+    "seed",
+    "quick",
+    "no_precise_bn",
+)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -45,6 +59,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     # pycls's default 32 suits epochs of hundreds of steps; an epoch here has 42.
     parser.add_argument("--update-period", type=int, default=4, help="pycls's EMA_UPDATE_PERIOD")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--no-precise-bn",
+        action="store_true",
+        help="keep the running/averaged BatchNorm statistics (pycls recomputes them every epoch)",
+    )
     parser.add_argument("--quick", action="store_true", help="2 short epochs on 256 images (tests)")
     parser.add_argument("--no-plot", action="store_true", help="do not write curves.png")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -131,7 +150,23 @@ def _train_step(state: ema_jax.EmaTrainState, x: jax.Array, y: jax.Array) -> Any
 train_step = jax.jit(_train_step, donate_argnums=0)
 
 
-def print_table(history: list[dict[str, float]]) -> None:
+def print_table(history: list[dict[str, float]], precise_bn: bool) -> None:
+    if precise_bn:
+        print(
+            "Test accuracy. raw: raw weights, precise BN statistics; EMA: EMA weights, their"
+            " averaged BN statistics; EMA pBN: EMA weights, precise BN statistics"
+        )
+        print(f"{'epoch':>5}  {'raw acc':>7}  {'EMA acc':>7}  {'EMA pBN acc':>11}")
+        for row in history:
+            print(
+                f"{row['epoch']:>5d}  {row['accuracy']:>7.4f}  {row['ema_accuracy']:>7.4f}"
+                f"  {row['ema_precise_accuracy']:>11.4f}"
+            )
+        return
+    print(
+        "Test accuracy. raw: raw weights, running BN statistics; EMA: EMA weights, their"
+        " averaged BN statistics"
+    )
     print(f"{'epoch':>5}  {'raw acc':>7}  {'EMA acc':>7}")
     for row in history:
         print(f"{row['epoch']:>5d}  {row['accuracy']:>7.4f}  {row['ema_accuracy']:>7.4f}")
@@ -147,7 +182,11 @@ def plot(history: list[dict[str, float]], path: str) -> None:
     epochs = [row["epoch"] for row in history]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(epochs, [100 * row["accuracy"] for row in history], ".-", label="raw weights")
-    ax.plot(epochs, [100 * row["ema_accuracy"] for row in history], ".-", label="EMA weights")
+    ema_label = "EMA weights, averaged BN statistics"
+    ax.plot(epochs, [100 * row["ema_accuracy"] for row in history], ".-", label=ema_label)
+    if "ema_precise_accuracy" in history[0]:
+        precise = [100 * row["ema_precise_accuracy"] for row in history]
+        ax.plot(epochs, precise, ".-", label="EMA weights, precise BN statistics")
     ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="Digits: raw vs EMA weights")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
@@ -172,6 +211,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f" epoch; EMA alpha per update {ema.alpha:.4f}, every {ema.update_period} steps"
     )
     print(ema.explain())  # what these EMA settings mean: half-life, warnings
+    precise_bn = not args.no_precise_bn
+    if precise_bn:
+        batches = min(NUM_SAMPLES_PRECISE // args.batch_size, steps_per_epoch)
+        print(f"Precise BN statistics after every epoch, from {batches} training batches")
 
     workdir = os.path.abspath(args.workdir)
     history: list[dict[str, float]] = []
@@ -182,7 +225,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             item_handlers=ocp.StandardCheckpointHandler(),
             options=options,
         ) as manager,
-        ema_jax.BestCheckpoints(os.path.join(workdir, "best")) as best,
+        # The kept EMA weights carry the statistics they were evaluated with.
+        ema_jax.BestCheckpoints(
+            os.path.join(workdir, "best"),
+            ema_metric="ema_precise_accuracy" if precise_bn else "ema_accuracy",
+        ) as best,
     ):
         latest = manager.latest_step()
         if latest is not None:
@@ -214,6 +261,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 bar.update()
             accuracy, ema_accuracy = (float(a) for a in evaluate(state, x_eval, y_eval))
             row = {"epoch": epoch + 1, "accuracy": accuracy, "ema_accuracy": ema_accuracy}
+            if precise_bn:  # pycls's end of epoch, on this epoch's training batches
+                state = state.with_precise_batch_stats(
+                    (
+                        x_train[order[i * args.batch_size : (i + 1) * args.batch_size]]
+                        for i in range(steps_per_epoch)
+                    ),
+                    num_samples=NUM_SAMPLES_PRECISE,
+                )
+                accuracy, ema_precise = (float(a) for a in evaluate(state, x_eval, y_eval))
+                row |= {"accuracy": accuracy, "ema_precise_accuracy": ema_precise}
             history.append(row)
             bar.set_postfix(epoch=epoch + 1, raw=f"{accuracy:.3f}", ema=f"{ema_accuracy:.3f}")
             step = int(state.step)
@@ -226,17 +283,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         by_step = {int(row["epoch"]) * steps_per_epoch: row for row in history}
         best_rows = {which: by_step[best.best_step(which)] for which in ("raw", "ema")}
 
-    print_table(history)
+    print_table(history, precise_bn)
     raw, ema_row = best_rows["raw"], best_rows["ema"]
     print(f"best raw: {raw['accuracy']:.4f} (epoch {raw['epoch']})")
-    print(f"best EMA: {ema_row['ema_accuracy']:.4f} (epoch {ema_row['epoch']})")
+    ema_metric = "ema_precise_accuracy" if precise_bn else "ema_accuracy"
+    which = " (precise BN statistics)" if precise_bn else ""
+    print(f"best EMA{which}: {ema_row[ema_metric]:.4f} (epoch {ema_row['epoch']})")
     nonfinite = int(state.ema_state.nonfinite_updates)
     print(f"EMA updates skipped for NaN/Inf weights: {nonfinite}")
     if not args.no_plot:
         plot(history, os.path.join(workdir, "curves.png"))
         print(f"wrote {os.path.join(workdir, 'curves.png')}")
     return {
-        "history": history,  # one row per epoch: epoch, accuracy, ema_accuracy
+        # One row per epoch: epoch, accuracy, ema_accuracy (averaged BN statistics)
+        # and, with precise BN, ema_precise_accuracy.
+        "history": history,
         "best": best_rows,  # {"raw": row, "ema": row} of the kept best checkpoints
         "trained_epochs": args.epochs - min(start, args.epochs),  # by this call
         "nonfinite_updates": nonfinite,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -10,8 +12,10 @@ import optax
 from flax import struct
 from flax.training import train_state
 
+from ema_jax._batch_stats import NUM_SAMPLES
 from ema_jax._transform import Ema
 from ema_jax._transform import EmaState
+from ema_jax.linen._precise_bn import precise_batch_stats_pair
 
 PyTree = Any
 
@@ -24,7 +28,18 @@ class EmaTrainState(train_state.TrainState):
     static; its state ``ema_state`` is part of the pytree, so it is jitted, donated
     and checkpointed with the rest.
 
+    Gradient accumulation: with ``tx = optax.MultiSteps(opt, every_k_schedule=k)``
+    the weights change only on every k-th call of ``apply_gradients``, and the EMA
+    is updated on those calls only (a ``lax.cond`` on the optimizer's own state, no
+    host sync): its cadence and warmup count optimizer steps, not micro-batches.
+    Build the EMA for optimizer steps: ``batch_size`` is the global batch of one
+    optimizer step (k micro-batches together), ``steps_per_epoch`` counts optimizer
+    steps.
+
     Attributes:
+      step: calls of ``apply_gradients`` (flax's meaning): micro-batches under
+        ``optax.MultiSteps``, optimizer steps otherwise. ``ema_state.step`` counts
+        the optimizer steps that applied.
       ema: the transform from :func:`ema_jax.ema` or :func:`ema_jax.normalized_ema`
         (static).
       ema_state: its :class:`~ema_jax.EmaState`; ``ema_state.ema`` is
@@ -79,7 +94,8 @@ class EmaTrainState(train_state.TrainState):
 
         Returns:
           The new state, ``step`` advanced by one (saturating), ``ema_state``
-          updated by ``ema.update``.
+          updated by ``ema.update`` if the optimizer applied its update (always,
+          unless ``tx`` is an ``optax.MultiSteps`` still accumulating).
         """
         if (batch_stats is None) != (self.batch_stats is None):
             has = "has" if self.batch_stats is not None else "has no"
@@ -90,12 +106,94 @@ class EmaTrainState(train_state.TrainState):
             )
         new = super().apply_gradients(grads=grads, **kwargs)
         stats = batch_stats if batch_stats is not None else self.batch_stats
-        ema_state = self.ema.update(_variables(new.params, stats), self.ema_state)
+        variables = _variables(new.params, stats)
+        applied = _optimizer_applied(self.opt_state, new.opt_state)
+        if applied is None:
+            ema_state = self.ema.update(variables, self.ema_state)
+        else:
+            ema_state = jax.lax.cond(
+                applied, self.ema.update, lambda _, state: state, variables, self.ema_state
+            )
         return new.replace(
             step=optax.safe_increment(jnp.asarray(self.step, jnp.int32)),
             batch_stats=stats,
             ema_state=ema_state,
         )
+
+    def with_precise_batch_stats(
+        self,
+        batches: Iterable[Any],
+        *,
+        num_samples: int = NUM_SAMPLES,
+        apply_kwargs: Mapping[str, Any] | None = None,
+    ) -> EmaTrainState:
+        """pycls's end of epoch: precise BatchNorm statistics for the raw and the EMA model.
+
+        pycls's trainer, after every epoch with ``BN.USE_PRECISE_STATS`` (its default),
+        calls ``compute_precise_bn_stats`` on the model and on the EMA model, which
+        overwrites both models' running statistics. This does the same with
+        :func:`ema_jax.precise_batch_stats` (see there for the exact statistics),
+        in one pass over ``batches`` and one compilation for both models.
+
+        The EMA's recomputed statistics replace the averaged ones inside
+        ``ema_state``, as pycls overwrites the EMA model's buffers: the EMA's later
+        updates keep averaging from there, and ``ema_variables()`` evaluates the EMA
+        weights with statistics computed under those weights. Averaged statistics
+        belong to no single set of weights; these belong to the EMA's. Evaluate the
+        EMA with its averaged statistics (``ema_variables()``) before this call to
+        compare the two.
+
+        Call it outside the jitted train step, after an epoch, with training batches;
+        then evaluate and checkpoint the returned state. ``step`` and everything
+        but the two sets of BatchNorm statistics are unchanged.
+
+        Args:
+          batches: an iterable of model inputs (see :func:`ema_jax.precise_batch_stats`),
+            consumed once.
+          num_samples: pycls's ``BN.NUM_SAMPLES_PRECISE``.
+          apply_kwargs: keyword arguments that put the model in training mode;
+            default ``{"train": True}``.
+
+        Returns:
+          The state with ``batch_stats`` and ``ema_batch_stats`` recomputed.
+
+        Raises:
+          ValueError: the state has no ``batch_stats``, or any error of
+            :func:`ema_jax.precise_batch_stats`.
+
+        Example:
+          >>> import flax.linen as nn, jax, jax.numpy as jnp, optax
+          >>> import ema_jax
+          >>> class Net(nn.Module):
+          ...     @nn.compact
+          ...     def __call__(self, x, train=True):
+          ...         return nn.BatchNorm(use_running_average=not train)(nn.Dense(2)(x))
+          >>> model = Net()
+          >>> variables = model.init(jax.random.key(0), jnp.ones((1, 3)))
+          >>> ema = ema_jax.normalized_ema(ema_alpha=1e-3, batch_size=4, max_epoch=10)
+          >>> state = ema_jax.EmaTrainState.create(
+          ...     apply_fn=model.apply, params=variables["params"],
+          ...     batch_stats=variables["batch_stats"], tx=optax.sgd(0.1), ema=ema)
+          >>> batches = [jax.random.normal(jax.random.key(i), (4, 3)) for i in range(3)]
+          >>> state = state.with_precise_batch_stats(batches)
+          >>> logits = state.apply_fn(state.ema_variables(), batches[0], train=False)
+        """
+        if self.batch_stats is None:
+            raise ValueError(
+                "with_precise_batch_stats needs a state with batch_stats, but this one has"
+                " none: the model has no BatchNorm statistics to recompute"
+            )
+        raw = {"params": self.params, "batch_stats": self.batch_stats}
+        raw_stats, ema_stats = precise_batch_stats_pair(
+            self.apply_fn,
+            raw,
+            self.ema_variables(),
+            batches,
+            num_samples=num_samples,
+            apply_kwargs=apply_kwargs,
+        )
+        ema = {**self.ema_state.ema, "batch_stats": ema_stats}
+        return self.replace(batch_stats=raw_stats, ema_state=self.ema_state._replace(ema=ema))
 
     @classmethod
     def create(  # type: ignore[override]  # `ema` is required: it is what this class adds
@@ -136,6 +234,35 @@ def _variables(params: PyTree, batch_stats: PyTree) -> dict[str, PyTree]:
     if batch_stats is None:
         return {"params": params}
     return {"params": params, "batch_stats": batch_stats}
+
+
+def _optimizer_applied(before: PyTree, after: PyTree) -> jax.Array | None:
+    """Whether the optimizer applied an update (a traced bool), or None if it always does.
+
+    None unless ``opt_state`` holds an ``optax.MultiStepsState``. ``MultiSteps``
+    bumps ``gradient_step`` exactly when it applies (and resets ``mini_step`` to 0);
+    a mini-step rejected by ``should_skip_update_fn`` changes neither. The reset
+    covers ``gradient_step`` saturating at ``2**31 - 1`` when ``k > 1``.
+    """
+    found = _multi_steps_states(before)
+    if not found:
+        return None
+    if len(found) > 1:
+        raise ValueError(
+            f"opt_state holds {len(found)} optax.MultiStepsState: EmaTrainState cannot tell"
+            " which one decides when the weights change; wrap the whole optimizer in one"
+            " optax.MultiSteps"
+        )
+    (old,), (new,) = found, _multi_steps_states(after)
+    reset = (new.mini_step == 0) & (old.mini_step != 0)
+    return (new.gradient_step != old.gradient_step) | reset
+
+
+def _multi_steps_states(opt_state: PyTree) -> list[optax.MultiStepsState]:
+    def is_multi(x: Any) -> bool:
+        return isinstance(x, optax.MultiStepsState)
+
+    return [x for x in jax.tree.leaves(opt_state, is_leaf=is_multi) if is_multi(x)]
 
 
 def _describe(tree: PyTree) -> str:
