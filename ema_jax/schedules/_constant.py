@@ -19,9 +19,13 @@ class Constant(Schedule):
     The average is computed in the same float operations, in the same order, as flax's
     ``nnx.EMA.update`` (``flax/nnx/training/ema.py``:
     ``ema[...] = self.decay * ema + (1.0 - self.decay) * update``), so with
-    ``update_period=1`` it is bit-identical to ``nnx.EMA(model, decay)``; it is also
+    ``update_period=1`` and ``ema(..., nonfinite="propagate")`` (no guard, as
+    ``nnx.EMA``) it is bit-identical to ``nnx.EMA(model, decay)`` under jit. With the
+    default guard, XLA:CPU compiles the same expression followed by the guard's select
+    to another fused multiply-add contraction: the two then differ by up to an ulp per
+    update (tests/test_schedules.py measures both). It is also
     ``optax.incremental_update(new, old, 1 - decay)`` and torch's
-    ``get_ema_multi_avg_fn(decay)`` (up to rounding).
+    ``get_ema_multi_avg_fn(decay)``, up to rounding.
 
     That form rounds ``decay`` and ``1 - decay`` separately, so in float32 their sum is
     not exactly 1 and the average settles at ``(1 - decay) / (1 - fl(decay))`` times a
