@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ema_jax import _trees
 from ema_jax import _validate
 from ema_jax.schedules import Plan
 from ema_jax.schedules import Schedule
@@ -43,103 +44,6 @@ class EmaState(NamedTuple):
     step: jax.Array  # shape=(), int32
     ema: PyTree  # like params; real floating leaves in ema_dtype when given
     nonfinite_updates: jax.Array  # shape=(), int32
-
-
-_ARRAY_TYPES = (jax.Array, np.ndarray, np.generic, int, float, complex)
-
-
-def _dtype(x: Any) -> np.dtype:
-    return x.dtype if hasattr(x, "dtype") else np.result_type(x)
-
-
-def _is_numeric(x: Any) -> bool:
-    dtype = _dtype(x)
-    return bool(jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_))
-
-
-def _is_averaged(x: Any) -> bool:
-    """Floating and complex leaves are averaged; integer and bool leaves are copied."""
-    return bool(jnp.issubdtype(_dtype(x), jnp.inexact))
-
-
-def _check_params_match(params: PyTree, ema: PyTree) -> PyTree:
-    """Checks that ``params`` fits the EMA leaf by leaf; returns it in the EMA's treedef.
-
-    Raises ``ValueError`` naming the first path that differs (missing, extra,
-    other shape, averaged vs copied kind), in Python, before any tracing error.
-    Containers of another type but the same paths (``dict`` vs ``FrozenDict``)
-    are accepted.
-    """
-    keystr = jax.tree_util.keystr
-    p_leaves, _ = jax.tree_util.tree_flatten_with_path(params)
-    e_leaves, e_def = jax.tree_util.tree_flatten_with_path(ema)
-    p_paths = [keystr(path) for path, _ in p_leaves]
-    e_paths = [keystr(path) for path, _ in e_leaves]
-    if p_paths != e_paths:
-        missing = [path for path in e_paths if path not in set(p_paths)]
-        extra = [path for path in p_paths if path not in set(e_paths)]
-        problems = [f"params lacks the EMA's leaf ema{path}" for path in missing[:1]]
-        problems += [f"params{path} has no EMA leaf" for path in extra[:1]]
-        problems = problems or ["the leaves come in another order"]
-        raise ValueError(
-            f"params do not match the EMA: {'; '.join(problems)}"
-            f" ({len(missing)} missing, {len(extra)} extra of {len(e_paths)} EMA leaves)"
-        )
-    for path, (_, p), (_, e) in zip(p_paths, p_leaves, e_leaves, strict=True):
-        if jnp.shape(p) != jnp.shape(e):
-            raise ValueError(
-                f"params{path} has shape {jnp.shape(p)}, but the EMA's leaf has shape"
-                f" {jnp.shape(e)}"
-            )
-        if _is_averaged(p) != _is_averaged(e):
-            raise ValueError(
-                f"params{path} has dtype {_dtype(p)}, but the EMA's leaf has dtype"
-                f" {_dtype(e)}: a floating leaf must stay floating and an integer leaf"
-                " integer"
-            )
-    return jax.tree_util.tree_unflatten(e_def, [p for _, p in p_leaves])
-
-
-def _check_initial_value(path: str, p: Any, dtype: np.dtype | None, guarded: bool) -> None:
-    """A concrete parameter must be finite (with the guard) and fit the EMA's dtype.
-
-    Traced or non-addressable values (``init`` under ``jit``, multi-host arrays) are
-    not checked: that would need their values on this host.
-    """
-    if isinstance(p, jax.core.Tracer) or not getattr(p, "is_fully_addressable", True):
-        return
-    values = np.asarray(p)
-    if values.size == 0:
-        return
-    finite = np.isfinite(values)
-    if guarded and not finite.all():
-        raise ValueError(
-            f"params{path} has {int((~finite).sum())} NaN/Inf entries at init: an EMA that"
-            " starts non-finite stays so; initialise from finite parameters"
-        )
-    if dtype is not None and finite.any():  # a cast to ema_dtype
-        peak = float(np.max(np.abs(values[finite])))
-        largest = float(jnp.finfo(dtype).max)
-        if peak > largest:
-            raise ValueError(
-                f"params{path} has entries up to {peak:.4g}, beyond the largest {dtype.name}"
-                f" ({largest:.4g}): they would be Inf in the EMA; pass an ema_dtype that"
-                " holds them (e.g. ema_dtype=jnp.float32)"
-            )
-
-
-def _has_nonfinite(leaves: list[jax.Array]) -> jax.Array:
-    """Whether any entry of any of the (inexact, non-empty) ``leaves`` is NaN or Inf.
-
-    ``sum(x - x)`` is 0 when every entry is finite and NaN otherwise (``inf - inf``
-    is NaN), with nothing to overflow. Two other forms are wrong or costly here:
-    ``max(|x|)`` misses NaN on XLA:CPU, whose max of 4096 or more float32 entries
-    ignores NaN; a variadic ``(max, min)`` reduce is exact but the SPMD partitioner
-    does not split it, so a sharded leaf is all-gathered first. A sum is split into
-    a local sum and one scalar all-reduce per mesh axis.
-    """
-    total = sum(jnp.sum(jnp.real(x - x), dtype=jnp.float32) for x in leaves)
-    return ~jnp.isfinite(total)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,12 +141,12 @@ class Ema:
         guarded = self.nonfinite != "propagate"
         for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
             name = jax.tree_util.keystr(path)
-            if not isinstance(p, _ARRAY_TYPES) or not _is_numeric(p):
+            if not isinstance(p, _trees.ARRAY_TYPES) or not _trees.is_numeric(p):
                 raise TypeError(
                     f"params{name} must be a numeric array, got {type(p).__name__} {p!r:.60}"
                 )
-            if _is_averaged(p):
-                _check_initial_value(name, p, self._leaf_dtype(p), guarded)
+            if _trees.is_averaged(p):
+                _trees.check_initial_value(name, p, self._leaf_dtype(p), guarded)
 
         def copy_leaf(p: Any) -> jax.Array:
             return jnp.array(p, dtype=self._leaf_dtype(p), copy=True)
@@ -270,13 +174,13 @@ class Ema:
                 f"state must be the EmaState that init returned, got {type(state).__name__}"
                 " (the order is update(params, state))"
             )
-        step_dtype = _dtype(state.step)
+        step_dtype = _trees.dtype_of(state.step)
         if jnp.shape(state.step) != () or not jnp.issubdtype(step_dtype, jnp.integer):
             raise TypeError(
                 "state.step must be an integer scalar (int32 from init), got shape"
                 f" {jnp.shape(state.step)} and dtype {step_dtype}"
             )
-        params = _check_params_match(params, state.ema)
+        params = _trees.check_params_match(params, state.ema)
         step = optax.safe_increment(state.step)
         plan = self.schedule.plan(jnp.asarray(state.step, jnp.int32))
         if plan.update is False:
@@ -296,7 +200,7 @@ class Ema:
 
     def _leaf_dtype(self, p: Any) -> np.dtype | None:
         """``ema_dtype`` for real floating leaves; None (the leaf's own) otherwise."""
-        real_float = jnp.issubdtype(_dtype(p), jnp.floating)
+        real_float = jnp.issubdtype(_trees.dtype_of(p), jnp.floating)
         return self.ema_dtype if self.ema_dtype is not None and real_float else None
 
     def _fold(self, params: PyTree, ema: PyTree, plan: Plan) -> tuple[PyTree, jax.Array]:
@@ -316,7 +220,7 @@ class Ema:
 
         def leaf(p: jax.Array, e: jax.Array) -> jax.Array:
             copy = jnp.asarray(p, e.dtype)
-            if not _is_averaged(e):
+            if not _trees.is_averaged(e):
                 return copy
             if static_copy:
                 new = copy
@@ -339,7 +243,7 @@ class Ema:
         new_ema = jax.tree.map(leaf, params, ema)
         if self.nonfinite != "skip_and_count" or not counted:
             return new_ema, jnp.zeros((), jnp.int32)
-        return new_ema, _has_nonfinite(counted).astype(jnp.int32)
+        return new_ema, _trees.has_nonfinite(counted).astype(jnp.int32)
 
 
 def ema(schedule: Schedule, *, ema_dtype: Any = None, nonfinite: Nonfinite = "skip") -> Ema:
