@@ -341,6 +341,13 @@ TRAIN_STATE_CASES = [
     ),
     Case(
         "EmaTrainState.create",
+        "no optimizer",
+        lambda: ema_jax.EmaTrainState.create(apply_fn=None, params={}, tx=None, ema=TRAIN_EMA),
+        TypeError,
+        "tx must be an optax.GradientTransformation (with init and update), got None",
+    ),
+    Case(
+        "EmaTrainState.create",
         "a non-numeric parameter",
         lambda: ema_jax.EmaTrainState.create(
             apply_fn=None, params={"w": "x"}, tx=optax.identity(), ema=TRAIN_EMA
