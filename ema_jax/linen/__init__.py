@@ -1,11 +1,17 @@
 """ema_jax for Flax linen: a train state that carries the EMA, and its orbax checkpoints."""
 
-from ema_jax.linen._checkpoint import BestCheckpoints
+from ema_jax.linen._best import BestCheckpoints
 from ema_jax.linen._checkpoint import restore_checkpoint
+from ema_jax.linen._checkpoint import save_checkpoint
+from ema_jax.linen._integrity import CorruptCheckpointError
+from ema_jax.linen._integrity import EmaSettingsMismatchError
 from ema_jax.linen._train_state import EmaTrainState
 
 __all__ = [
     "BestCheckpoints",
+    "CorruptCheckpointError",
+    "EmaSettingsMismatchError",
     "EmaTrainState",
     "restore_checkpoint",
+    "save_checkpoint",
 ]
