@@ -402,6 +402,28 @@ def scores(acc: float, ema_acc: float) -> dict[str, float]:
 
 
 @pytest.mark.bad_input
+def test_best_checkpoints_after_a_rollback_keep_the_better_weights(tmp_path):
+    states = {}
+    state = make_state(Mlp(), EMA)
+    for step, (x, y) in enumerate(batches(6)):
+        state, _ = STEP(state, x, y)
+        states[step] = state
+    with ema_jax.BestCheckpoints(tmp_path) as best:
+        best.save(5, states[5], scores(0.5, 0.5))
+        # The run is rolled back to step 2 and resumed: a better step 3 replaces 5.
+        best.save(3, states[3], scores(0.9, 0.4))
+        assert (best.best_step("raw"), best.best_step("ema")) == (3, 5)
+        # The same step again, better still: it replaces itself; worse: ignored.
+        best.save(3, states[4], scores(0.95, 0.3))
+        best.save(2, states[2], scores(0.1, 0.1))
+        best.wait_until_finished()
+        assert (best.best_step("raw"), best.best_step("ema")) == (3, 5)
+        assert best.best_metrics("raw") == scores(0.95, 0.3)
+        raw = best.restore("raw", make_state(Mlp(), EMA, seed=1))
+    assert_trees_equal(raw, {"params": states[4].params})
+
+
+@pytest.mark.bad_input
 def test_a_damaged_best_checkpoint_raises(tmp_path):
     state = make_state(Wide(), EMA)
     with ema_jax.BestCheckpoints(tmp_path) as best:

@@ -89,9 +89,9 @@ class BestCheckpoints:
         self.mode = mode
         self.directory = os.fspath(directory)
         worst = -math.inf if mode == "max" else math.inf
-        metric_of: dict[Which, str] = {"raw": raw_metric, "ema": ema_metric}
+        self._metric_of: dict[Which, str] = {"raw": raw_metric, "ema": ema_metric}
         self._managers: dict[Which, ocp.CheckpointManager] = {}
-        for which, metric in metric_of.items():
+        for which, metric in self._metric_of.items():
             self._managers[which] = ocp.CheckpointManager(
                 os.path.join(self.directory, which),
                 item_handlers=ocp.StandardCheckpointHandler(),
@@ -107,14 +107,22 @@ class BestCheckpoints:
     def save(self, step: int, state: EmaTrainState, metrics: Mapping[str, float]) -> None:
         """Offers the raw and the EMA weights at ``step``; each is kept if it is the best.
 
-        Call it after evaluating, with the metrics of both. Saving a step that is
-        already kept does nothing, so a resumed run may repeat its last epoch. Each
-        kept checkpoint carries a CRC-32 of every array, checked by ``restore``.
+        Call it after evaluating, with the metrics of both. Each kept checkpoint carries
+        a CRC-32 of every array, checked by ``restore``.
+
+        A step at or before the kept one comes from a run that was rolled back and
+        resumed. Its weights replace the kept ones when their metric is strictly
+        better (the kept checkpoint is deleted first: a crash in between leaves none
+        of that kind until the next ``save``), and are ignored otherwise, so a resumed
+        run may repeat its last epoch.
 
         Raises:
+          TypeError: ``state`` is not an :class:`~ema_jax.EmaTrainState`.
           ValueError: ``metrics`` lacks ``raw_metric`` or ``ema_metric``, or a value
             is not a number.
         """
+        if not isinstance(state, EmaTrainState):
+            raise TypeError(f"state must be an ema_jax.EmaTrainState, got {type(state).__name__}")
         values = {}
         for name in (self.raw_metric, self.ema_metric):
             if name not in metrics:
@@ -125,15 +133,34 @@ class BestCheckpoints:
                 raise ValueError(
                     f"metrics[{name!r}] must be a number, got {metrics[name]!r}"
                 ) from None
+        step = int(step)
         for which, manager in self._managers.items():
-            if int(step) not in manager.all_steps():
-                item = _eval_variables(state, which)
-                meta = {RECORD_KEY: make_record(item, None)}
-                manager.save(
-                    int(step),
-                    args=ocp.args.StandardSave(item, custom_metadata=meta),
-                    metrics=values,
+            manager.wait_until_finished()  # the kept step's metrics are on disk (save waits too)
+            kept = manager.best_step()
+            if kept is not None and step <= kept:
+                if not self._better(values[self._metric_of[which]], manager.metrics(kept), which):
+                    continue
+                _LOG.info(
+                    "best %s weights: step %d (rolled back) beats the kept step %d; replacing it",
+                    which,
+                    step,
+                    kept,
                 )
+                manager.delete(kept)
+            item = _eval_variables(state, which)
+            meta = {RECORD_KEY: make_record(item, None)}
+            manager.save(
+                step, args=ocp.args.StandardSave(item, custom_metadata=meta), metrics=values
+            )
+
+    def _better(self, value: float, kept: Mapping[str, float] | None, which: Which) -> bool:
+        """Whether ``value`` ranks strictly above the kept checkpoint's metric."""
+        if kept is None:
+            return True
+        worst = -math.inf if self.mode == "max" else math.inf
+        rank = functools.partial(_rank, name=self._metric_of[which], worst=worst)
+        new, old = rank({self._metric_of[which]: value}), rank(kept)
+        return new > old if self.mode == "max" else new < old
 
     def best_step(self, which: Which) -> int | None:
         """The step of the best ``"raw"`` or ``"ema"`` weights so far, or None."""
@@ -156,12 +183,18 @@ class BestCheckpoints:
           ``{"params": ..., "batch_stats": ...}`` (no ``"batch_stats"`` without them).
 
         Raises:
+          TypeError: ``target`` is not an :class:`~ema_jax.EmaTrainState`.
           FileNotFoundError: nothing saved yet.
           CorruptCheckpointError: the kept checkpoint fails its checksums or cannot
             be read (there is no older one to fall back to).
           ValueError: the checkpoint does not fit ``target``.
         """
         manager = self._manager(which)
+        if not isinstance(target, EmaTrainState):
+            raise TypeError(
+                "target must be an ema_jax.EmaTrainState (concrete or from jax.eval_shape),"
+                f" got {type(target).__name__}"
+            )
         manager.wait_until_finished()
         step = manager.best_step()
         if step is None:
