@@ -1,9 +1,10 @@
 """Train a small CNN on scikit-learn's handwritten digits, with pycls's EMA of its weights.
 
 Each epoch evaluates the raw and the EMA weights on a held-out split and checkpoints
-everything with orbax into ``--workdir``; run it again and it resumes (or, when the
-run is complete, just prints the results). At the end it prints a table of raw vs EMA
-test accuracy and writes ``curves.png`` into the workdir.
+everything with orbax into ``--workdir``; run it again and it resumes from the newest
+checkpoint that passes verification (or, when the run is complete, just prints the
+results). At the end it prints a table of raw vs EMA test accuracy and writes
+``curves.png`` into the workdir.
 
 Run: python examples/train_digits.py [--workdir workdir/digits] [--epochs 20]
 """
@@ -184,16 +185,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ) as manager,
         ema_jax.BestCheckpoints(os.path.join(workdir, "best")) as best,
     ):
-        latest = manager.latest_step()
-        if latest is not None:
-            saved = manager.item_metadata(latest).custom_metadata
+        if manager.latest_step() is not None:
+            # The newest step whose arrays match their checksums; a damaged newer one
+            # is skipped with a warning naming it.
+            try:
+                state = ema_jax.restore_checkpoint(manager, state)
+            except ema_jax.EmaSettingsMismatchError as err:
+                sys.exit(
+                    f"{workdir} holds a run with other settings ({err}); pass another --workdir"
+                )
+            restored = int(state.step)
+            saved = manager.item_metadata(restored).custom_metadata
             if saved["settings"] != settings:
                 sys.exit(
                     f"{workdir} holds a run with other settings ({saved['settings']});"
                     " pass another --workdir"
                 )
-            state = ema_jax.restore_checkpoint(manager, state)
             history = saved["history"]
+            for damaged in [step for step in manager.all_steps() if step > restored]:
+                manager.delete(damaged)  # so that this run writes that step again
+                print(f"Deleted checkpoint step {damaged}: it failed verification")
         start = int(state.step) // steps_per_epoch
         if start >= args.epochs:
             print(f"{workdir} holds the whole run ({args.epochs} epochs): nothing to train.")
@@ -220,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             best.save(step, state, row)  # first, so that a resumed epoch offers it again
             # A copy: orbax writes the metadata in the background, after later epochs.
             meta = {"settings": settings, "history": [dict(r) for r in history]}
-            manager.save(step, args=ocp.args.StandardSave(state, custom_metadata=meta))
+            ema_jax.save_checkpoint(manager, state, custom_metadata=meta)  # + checksums, EMA
         bar.close()
         best.wait_until_finished()
         by_step = {int(row["epoch"]) * steps_per_epoch: row for row in history}
