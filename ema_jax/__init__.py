@@ -10,16 +10,21 @@ from ema_jax._transform import Ema
 from ema_jax._transform import EmaState
 from ema_jax._transform import ema
 from ema_jax.linen import BestCheckpoints
+from ema_jax.linen import CorruptCheckpointError
+from ema_jax.linen import EmaSettingsMismatchError
 from ema_jax.linen import EmaTrainState
 from ema_jax.linen import precise_batch_stats
 from ema_jax.linen import restore_checkpoint
+from ema_jax.linen import save_checkpoint
 
 __version__ = "0.2.0"
 
 __all__ = [
     "BestCheckpoints",
+    "CorruptCheckpointError",
     "Ema",
     "EmaReport",
+    "EmaSettingsMismatchError",
     "EmaState",
     "EmaTrainState",
     "NormalizedEma",
@@ -29,5 +34,6 @@ __all__ = [
     "normalized_ema",
     "precise_batch_stats",
     "restore_checkpoint",
+    "save_checkpoint",
     "schedules",
 ]

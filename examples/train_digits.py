@@ -1,12 +1,13 @@
 """Train a small CNN on scikit-learn's handwritten digits, with pycls's EMA of its weights.
 
 Each epoch evaluates the raw and the EMA weights on a held-out split and checkpoints
-everything with orbax into ``--workdir``; run it again and it resumes (or, when the
-run is complete, just prints the results). Like pycls (``BN.USE_PRECISE_STATS``), after
-every epoch it recomputes the BatchNorm statistics of the raw and of the EMA weights
-on training batches (``--no-precise-bn`` turns that off). At the end it prints a table
-of test accuracy: raw weights, EMA weights with their averaged BatchNorm statistics,
-EMA weights with precise ones; and writes ``curves.png`` into the workdir.
+everything with orbax into ``--workdir``; run it again and it resumes from the newest
+checkpoint that passes verification (or, when the run is complete, just prints the
+results). Like pycls (``BN.USE_PRECISE_STATS``), after every epoch it recomputes the
+BatchNorm statistics of the raw and of the EMA weights on training batches
+(``--no-precise-bn`` turns that off). At the end it prints a table of test accuracy:
+raw weights, EMA weights with their averaged BatchNorm statistics, EMA weights with
+precise ones; and writes ``curves.png`` into the workdir.
 
 Run: python examples/train_digits.py [--workdir workdir/digits] [--epochs 20]
 """
@@ -231,16 +232,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             ema_metric="ema_precise_accuracy" if precise_bn else "ema_accuracy",
         ) as best,
     ):
-        latest = manager.latest_step()
-        if latest is not None:
-            saved = manager.item_metadata(latest).custom_metadata
+        if manager.latest_step() is not None:
+            # The newest step whose arrays match their checksums; a damaged newer one
+            # is skipped with a warning naming it.
+            try:
+                state = ema_jax.restore_checkpoint(manager, state)
+            except ema_jax.EmaSettingsMismatchError as err:
+                sys.exit(
+                    f"{workdir} holds a run with other settings ({err}); pass another --workdir"
+                )
+            restored = int(state.step)
+            saved = manager.item_metadata(restored).custom_metadata
             if saved["settings"] != settings:
                 sys.exit(
                     f"{workdir} holds a run with other settings ({saved['settings']});"
                     " pass another --workdir"
                 )
-            state = ema_jax.restore_checkpoint(manager, state)
             history = saved["history"]
+            for damaged in [step for step in manager.all_steps() if step > restored]:
+                manager.delete(damaged)  # so that this run writes that step again
+                print(f"Deleted checkpoint step {damaged}: it failed verification")
         start = int(state.step) // steps_per_epoch
         if start >= args.epochs:
             print(f"{workdir} holds the whole run ({args.epochs} epochs): nothing to train.")
@@ -277,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             best.save(step, state, row)  # first, so that a resumed epoch offers it again
             # A copy: orbax writes the metadata in the background, after later epochs.
             meta = {"settings": settings, "history": [dict(r) for r in history]}
-            manager.save(step, args=ocp.args.StandardSave(state, custom_metadata=meta))
+            ema_jax.save_checkpoint(manager, state, custom_metadata=meta)  # + checksums, EMA
         bar.close()
         best.wait_until_finished()
         by_step = {int(row["epoch"]) * steps_per_epoch: row for row in history}

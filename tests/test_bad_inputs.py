@@ -3,7 +3,8 @@
 Each case names the entry point, what is wrong, the exact exception type and a
 piece of the message that names the culprit. The count is printed at the end of
 the test run (see conftest.py), with the checkpoint helpers' cases, which live in
-tests/test_checkpoint.py beside their fixtures and carry the same ``bad_input`` mark.
+tests/test_checkpoint.py and tests/test_checkpoint_integrity.py (damaged checkpoints,
+changed EMA settings) beside their fixtures and carry the same ``bad_input`` mark.
 """
 
 from __future__ import annotations
@@ -338,6 +339,13 @@ TRAIN_STATE_CASES = [
         ),
         TypeError,
         "ema must be a transform from ema_jax.ema(schedule)",
+    ),
+    Case(
+        "EmaTrainState.create",
+        "no optimizer",
+        lambda: ema_jax.EmaTrainState.create(apply_fn=None, params={}, tx=None, ema=TRAIN_EMA),
+        TypeError,
+        "tx must be an optax.GradientTransformation (with init and update), got None",
     ),
     Case(
         "EmaTrainState.create",

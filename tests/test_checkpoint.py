@@ -375,8 +375,27 @@ def open_best(directory: Any, call: Any, **kwargs: Any) -> None:
             TypeError,
             "target must be an ema_jax.EmaTrainState, got TrainState",
         ),
+        (
+            lambda d: open_best(d, lambda b: b.restore("ema", {"params": {}})),
+            TypeError,
+            "target must be an ema_jax.EmaTrainState (concrete or from jax.eval_shape), got dict",
+        ),
+        (
+            lambda d: open_best(d, lambda b: b.save(0, {"params": {}}, scores(1, 1))),
+            TypeError,
+            "state must be an ema_jax.EmaTrainState, got dict",
+        ),
     ],
-    ids=["mode", "metric-name", "metric-missing", "metric-not-a-number", "which", "target"],
+    ids=[
+        "mode",
+        "metric-name",
+        "metric-missing",
+        "metric-not-a-number",
+        "which",
+        "target",
+        "best-restore-target",
+        "best-save-state",
+    ],
 )
 @pytest.mark.bad_input
 def test_bad_arguments_are_named(call, error, text, tmp_path):

@@ -330,6 +330,7 @@ ALLOWED = (
     "numpy",
     "optax",
     "ema_jax._validate",
+    "ema_jax._trees",
     "ema_jax.schedules",
     "__future__",
     "dataclasses",

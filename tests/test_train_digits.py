@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import pathlib
 import shutil
 
@@ -19,7 +20,7 @@ def train_digits():
     return module
 
 
-def test_example_trains_resumes_and_reports(train_digits, tmp_path, capsys):
+def test_example_trains_resumes_and_reports(train_digits, tmp_path, capsys, caplog):
     argv = ["--quick", "--no-progress", "--workdir", str(tmp_path)]
     first = train_digits.main(argv)
     out = capsys.readouterr().out
@@ -51,9 +52,30 @@ def test_example_trains_resumes_and_reports(train_digits, tmp_path, capsys):
     assert "nothing to train" in capsys.readouterr().out
     assert third["trained_epochs"] == 0 and third["history"] == first["history"]
 
-    # Other settings in the same workdir would mix two runs.
+    # Its last checkpoint damaged on disk (64 bytes flipped in its largest data file):
+    # the rerun says which step it skipped, resumes from the one before and again
+    # reproduces the first run.
+    path = max(
+        (p for p in (tmp_path / "checkpoints" / "16").rglob("*") if p.parent.name == "d"),
+        key=lambda p: p.stat().st_size,
+    )
+    data = bytearray(path.read_bytes())
+    middle = slice(len(data) // 2 - 32, len(data) // 2 + 32)
+    data[middle] = bytes(b ^ 0xFF for b in data[middle])
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="ema_jax"):
+        fourth = train_digits.main([*argv, "--no-plot"])
+    out = capsys.readouterr().out
+    assert "skipped checkpoint step 16: checkpoint step 16 in" in caplog.text
+    assert "Deleted checkpoint step 16" in out and "Resuming from epoch 1" in out
+    assert fourth["trained_epochs"] == 1
+    assert fourth["history"] == first["history"] and fourth["best"] == first["best"]
+
+    # Other settings in the same workdir would mix two runs: the EMA's, or the others.
     with pytest.raises(SystemExit, match="holds a run with other settings"):
         train_digits.main([*argv, "--seed", "1"])
+    with pytest.raises(SystemExit, match=r"holds a run with other settings .*ema_alpha"):
+        train_digits.main([*argv, "--ema-alpha", "0.02"])
     with pytest.raises(SystemExit, match="holds a run with other settings"):
         train_digits.main([*argv, "--no-precise-bn"])
 

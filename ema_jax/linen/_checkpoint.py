@@ -1,31 +1,40 @@
-"""Orbax checkpoints of an `EmaTrainState`: resume, old checkpoints, best raw and EMA.
+"""Orbax checkpoints of an `EmaTrainState`: save, verified restore, old checkpoints, best.
 
-Saving needs no helper: an :class:`~ema_jax.EmaTrainState` is a pytree of arrays
-(the transform and ``apply_fn`` are static), so orbax saves it as it is, the EMA
-and its step included::
-
-    manager.save(int(state.step), args=ocp.args.StandardSave(state))
+Save with :func:`save_checkpoint` (the state, a checksum of every array and the EMA's
+settings, in one orbax item); :func:`restore_checkpoint` checks both before it returns
+anything. A checkpoint written by ``manager.save(step, args=ocp.args.StandardSave(state))``
+restores as well, unverified, with a warning.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import math
-import os
 from collections.abc import Mapping
 from typing import Any
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
+from ema_jax.linen._integrity import RECORD_KEY
+from ema_jax.linen._integrity import CorruptCheckpointError
+from ema_jax.linen._integrity import EmaSettingsMismatchError
+from ema_jax.linen._integrity import cast_like
+from ema_jax.linen._integrity import corrupt
+from ema_jax.linen._integrity import ema_changes
+from ema_jax.linen._integrity import first_unreadable
+from ema_jax.linen._integrity import leaves_by_path
+from ema_jax.linen._integrity import make_record
+from ema_jax.linen._integrity import quiet_storage
+from ema_jax.linen._integrity import read_record
+from ema_jax.linen._integrity import saved_dtypes
+from ema_jax.linen._integrity import storage_summary
+from ema_jax.linen._integrity import verify
 from ema_jax.linen._train_state import EmaTrainState
 
 PyTree = Any
-Which = Literal["raw", "ema"]
 
 _LOG = logging.getLogger("ema_jax")
 _NO_METADATA = (
@@ -33,24 +42,10 @@ _NO_METADATA = (
     " item metadata only through a registered handler, so create the manager with"
     " ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler())"
 )
-
-
-def _key_name(key: Any) -> str:
-    """One path entry as orbax names it: dict keys, attribute names and indices alike."""
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
-def _leaves_by_path(tree: PyTree) -> dict[str, Any]:
-    """``{"params.Dense_0.kernel": leaf}`` in flattening order; None subtrees have no leaves.
-
-    Orbax stores a tuple as a list, a NamedTuple or dataclass as a dict of its fields,
-    so the dotted names of a target and of its checkpoint's metadata agree.
-    """
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {".".join(_key_name(k) for k in path): leaf for path, leaf in flat}
+_UNVERIFIED = (
+    "it was saved without ema_jax.save_checkpoint, so its arrays cannot be verified"
+    " and its EMA settings cannot be compared"
+)
 
 
 def _shape(x: Any) -> tuple[int, ...]:
@@ -59,7 +54,7 @@ def _shape(x: Any) -> tuple[int, ...]:
     return tuple(np.shape(x) if shape is None else shape)
 
 
-def _check_fits(saved: dict[str, Any], target: dict[str, Any], where: str) -> None:
+def check_fits(saved: dict[str, Any], target: dict[str, Any], where: str) -> None:
     """Raises ValueError naming the first leaf that is missing, extra or of another shape."""
     problem = None
     for path, leaf in target.items():
@@ -96,10 +91,112 @@ def _place_like(tree: PyTree, like: PyTree) -> PyTree:
     return jax.tree.unflatten(jax.tree.structure(like), leaves)
 
 
+def _item_directory(manager: ocp.CheckpointManager, step: int) -> epath.Path:
+    """Where the manager keeps the default item of a finalized ``step``."""
+    # The manager's step naming (prefix, zero padding) is not public; orbax's default
+    # is what CheckpointManagerOptions builds when none is given.
+    name_format = getattr(manager, "_step_name_format", None) or ocp.step.standard_name_format()
+    path = ocp.step.find_step_path(manager.directory, name_format, step=step)
+    return path / ocp.checkpoint_manager.DEFAULT_ITEM_NAME
+
+
+def read_metadata(
+    manager: ocp.CheckpointManager, step: int, where: str
+) -> tuple[Mapping[str, Any], dict[str, Any] | None]:
+    """The tree metadata of a step and ema_jax's record in it (None if saved without).
+
+    Raises CorruptCheckpointError when the metadata cannot be read, and the
+    registered-handler ValueError when the manager has no handler to read it with.
+    """
+    directory = manager.directory
+    with quiet_storage() as quiet:
+        try:
+            metadata = manager.item_metadata(step)
+        except Exception as err:
+            quiet.failed = True
+            problem = f"its metadata cannot be read ({storage_summary(err)})"
+            raise corrupt(where, step, directory, problem) from None
+        tree = getattr(metadata, "tree", metadata)
+        if not isinstance(tree, Mapping):
+            # orbax returns None both when the manager lacks a handler and when the
+            # item's metadata file is gone or unreadable: ask a handler directly.
+            try:
+                ocp.PyTreeCheckpointHandler().metadata(_item_directory(manager, step))
+            except Exception as err:
+                quiet.failed = True
+                problem = f"its tree metadata cannot be read ({storage_summary(err)})"
+                raise corrupt(where, step, directory, problem) from None
+            raise ValueError(_NO_METADATA.format(step=step, directory=directory))
+    return tree, read_record(metadata, where, step, directory)
+
+
+def read(manager: ocp.CheckpointManager, step: int, item: PyTree, where: str) -> PyTree:
+    """``manager.restore`` of ``item``; a read that fails is a CorruptCheckpointError."""
+    with quiet_storage() as quiet:
+        try:
+            return manager.restore(step, args=ocp.args.StandardRestore(item))
+        except MemoryError:
+            raise
+        except Exception as err:
+            quiet.failed = True
+            summary = storage_summary(err)
+            try:
+                path = first_unreadable(_item_directory(manager, step), item)
+            except Exception:  # the diagnosis is a courtesy; the read failed either way
+                path = None
+    what = "an array" if path is None else path
+    problem = f"{what} cannot be read ({summary})"
+    raise corrupt(where, step, manager.directory, problem, path)
+
+
+def save_checkpoint(
+    manager: ocp.CheckpointManager,
+    state: EmaTrainState,
+    *,
+    metrics: Mapping[str, float] | None = None,
+    custom_metadata: Mapping[str, Any] | None = None,
+) -> bool:
+    """Saves ``state`` at ``state.step`` with what :func:`restore_checkpoint` verifies.
+
+    One orbax item, as ``manager.save(step, args=ocp.args.StandardSave(state))`` writes
+    it, whose custom metadata also holds a CRC-32 of every array's bytes and the EMA's
+    settings (``state.ema.settings()``). Call it where you would call ``manager.save``:
+    after the train step, on every process. It copies the arrays to the host to
+    checksum them (in a multi-process run, the replicated ones only) before orbax's
+    own copy.
+
+    Args:
+      manager: an orbax manager with one item: created with
+        ``item_handlers=ocp.StandardCheckpointHandler()``, or with no handlers.
+      state: the state to save.
+      metrics: passed to ``manager.save`` (for ``best_fn``).
+      custom_metadata: your own JSON-ready metadata for this step, read back with
+        ``manager.item_metadata(step).custom_metadata``; the key ``"ema_jax"`` is
+        ema_jax's.
+
+    Returns:
+      What ``manager.save`` returns: False when the manager's policy skipped the step
+      (a step at or before its latest is never saved).
+    """
+    if not isinstance(state, EmaTrainState):
+        raise TypeError(f"state must be an ema_jax.EmaTrainState, got {type(state).__name__}")
+    meta = dict(custom_metadata or {})
+    if RECORD_KEY in meta:
+        raise ValueError(f"custom_metadata must not use the key {RECORD_KEY!r}: it is ema_jax's")
+    meta[RECORD_KEY] = make_record(state, state.ema.settings())
+    return manager.save(
+        int(state.step), args=ocp.args.StandardSave(state, custom_metadata=meta), metrics=metrics
+    )
+
+
 def restore_checkpoint(
-    manager: ocp.CheckpointManager, target: EmaTrainState, *, step: int | None = None
+    manager: ocp.CheckpointManager,
+    target: EmaTrainState,
+    *,
+    step: int | None = None,
+    allow_ema_change: bool = False,
 ) -> EmaTrainState:
-    """Restores an :class:`~ema_jax.EmaTrainState`, EMA included, from an orbax checkpoint.
+    """Restores an :class:`~ema_jax.EmaTrainState`, EMA included, and verifies it.
 
     ``target`` gives the structure, dtypes and shardings of the result: a concrete state,
     or an abstract one from ``jax.eval_shape`` whose leaves may be
@@ -107,22 +204,30 @@ def restore_checkpoint(
     straight onto its devices. Static fields (``apply_fn``, ``tx``, ``ema``) come from
     ``target``.
 
-    A checkpoint written from a plain flax ``TrainState`` (no ``ema_state``; with
-    ``batch_stats`` when the target has them) restores ``step``, ``params``,
-    ``opt_state`` and ``batch_stats``, and starts the EMA from the restored weights
-    with its step set to ``step``, so the update cadence and warmup continue, as pycls
-    does for checkpoints without EMA weights. It says so in a warning on the
-    ``"ema_jax"`` logger.
+    A checkpoint saved with :func:`save_checkpoint` is verified: every array must
+    read back with the CRC-32 written at save time, and the EMA's schedule and
+    ``ema_dtype`` must be the target's. With ``step=None``, a latest step that is
+    corrupt or unreadable is skipped, with a warning on the ``"ema_jax"`` logger
+    naming it, and the newest intact step is restored; an explicit ``step`` raises.
+    Nothing that fails verification is ever returned.
 
-    Save with orbax itself: ``manager.save(int(state.step),
-    args=ocp.args.StandardSave(state))``.
+    A checkpoint saved with ``manager.save(step, args=ocp.args.StandardSave(state))``
+    restores unverified, with a warning. One written from a plain flax ``TrainState``
+    (no ``ema_state``; with ``batch_stats`` when the target has them) restores ``step``,
+    ``params``, ``opt_state`` and ``batch_stats``, and starts the EMA from the restored
+    weights with its step set to ``step``, so the update cadence and warmup continue,
+    as pycls does for checkpoints without EMA weights; a warning says so.
 
     Args:
       manager: the orbax manager of the checkpoint directory. It must have a handler
         for the default item: one that saved or restored already, or one created
         with ``item_handlers=ocp.StandardCheckpointHandler()``.
       target: the state to restore into, concrete or abstract.
-      step: the step to restore; None restores the latest.
+      step: the step to restore; None restores the newest intact one.
+      allow_ema_change: accept a checkpoint whose EMA has another schedule or
+        ``ema_dtype`` than ``target.ema`` (you changed the EMA on purpose): its values
+        are kept, cast to the target's dtype, and the target's settings apply from
+        then on; a warning lists the changes.
 
     Returns:
       The restored state.
@@ -130,6 +235,10 @@ def restore_checkpoint(
     Raises:
       FileNotFoundError: no finalized checkpoint (or none for ``step``) in the
         manager's directory.
+      CorruptCheckpointError: the step (with ``step=None``: every step) fails
+        verification or cannot be read; names the step and the first bad array.
+      EmaSettingsMismatchError: the checkpoint's EMA has another schedule or
+        ``ema_dtype`` (a ``ValueError``); names each difference.
       ValueError: the checkpoint does not fit ``target`` (another model): names the
         first differing leaf.
 
@@ -148,7 +257,7 @@ def restore_checkpoint(
       >>> with tempfile.TemporaryDirectory() as workdir:
       ...     with ocp.CheckpointManager(
       ...             workdir, item_handlers=ocp.StandardCheckpointHandler()) as manager:
-      ...         _ = manager.save(int(state.step), args=ocp.args.StandardSave(state))
+      ...         _ = ema_jax.save_checkpoint(manager, state)
       ...     with ocp.CheckpointManager(
       ...             workdir, item_handlers=ocp.StandardCheckpointHandler()) as manager:
       ...         restored = ema_jax.restore_checkpoint(manager, jax.eval_shape(init))
@@ -157,6 +266,8 @@ def restore_checkpoint(
     """
     if not isinstance(target, EmaTrainState):
         raise TypeError(f"target must be an ema_jax.EmaTrainState, got {type(target).__name__}")
+    if not isinstance(allow_ema_change, bool):
+        raise TypeError(f"allow_ema_change must be a bool, got {allow_ema_change!r}")
     manager.wait_until_finished()
     directory = manager.directory
     # Only finalized steps are listed: the manager builds its step list with
@@ -164,32 +275,89 @@ def restore_checkpoint(
     # orbax/checkpoint/_src/path/step.py), whose _StandardNameFormat._build_metadata
     # drops every path that temporary_paths.is_path_finalized rejects (a
     # "*.orbax-checkpoint-tmp-*" directory, or one without its commit marker).
-    steps = list(manager.all_steps())
-    if step is None:
-        step = manager.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"no finalized checkpoint in {directory}")
-    elif step not in steps:
-        raise FileNotFoundError(
-            f"no finalized checkpoint for step {step} in {directory}; it has steps {steps}"
-        )
-    metadata = manager.item_metadata(step)
-    tree = getattr(metadata, "tree", metadata)
-    if not isinstance(tree, Mapping):
-        raise ValueError(_NO_METADATA.format(step=step, directory=directory))
-    saved = _leaves_by_path(tree)
-    where = f"checkpoint step {step} in {directory}"
-    if tree.get("ema_state") is not None:
-        _check_fits(saved, _leaves_by_path(target), where)
-        return manager.restore(step, args=ocp.args.StandardRestore(target))
+    steps = sorted(manager.all_steps())
+    if step is not None:
+        if step not in steps:
+            raise FileNotFoundError(
+                f"no finalized checkpoint for step {step} in {directory}; it has steps {steps}"
+            )
+        return _restore_step(manager, target, step, allow_ema_change)
+    if not steps:
+        raise FileNotFoundError(f"no finalized checkpoint in {directory}")
+    errors = []
+    for candidate in reversed(steps):
+        try:
+            return _restore_step(manager, target, candidate, allow_ema_change)
+        except CorruptCheckpointError as err:
+            errors.append(err)
+            _LOG.warning(
+                "skipped checkpoint step %d: %s; trying the step before it", candidate, err
+            )
+    newest = errors[0]
+    raise CorruptCheckpointError(
+        f"no intact checkpoint in {directory}: all {len(steps)} steps fail verification;"
+        f" the newest: {newest}",
+        step=newest.step,
+        directory=directory,
+        path=newest.path,
+    )
 
-    # A plain TrainState checkpoint: restore the raw state, start the EMA from it.
+
+def _restore_step(
+    manager: ocp.CheckpointManager, target: EmaTrainState, step: int, allow_ema_change: bool
+) -> EmaTrainState:
+    directory = manager.directory
+    where = f"checkpoint step {step} in {directory}"
+    tree, record = read_metadata(manager, step, where)
+    saved = leaves_by_path(tree)
+    if tree.get("ema_state") is None:
+        if record is not None and "ema" in record:  # save_checkpoint wrote an EmaTrainState
+            raise corrupt(where, step, directory, "its tree has lost ema_state", "ema_state")
+        return _restore_plain(manager, target, step, tree, where)
+
+    check_fits(saved, leaves_by_path(target), where)
+    if record is None:
+        restored = read(manager, step, target, where)
+        _LOG.warning("%s restores unverified: %s", where, _UNVERIFIED)
+        return restored
+    changes = ema_changes(record["ema"], target.ema.settings()) if "ema" in record else []
+    if changes and not allow_ema_change:
+        raise EmaSettingsMismatchError(
+            f"{where} holds an EMA with other settings than the target's: "
+            + "; ".join(changes)
+            + ". To keep its EMA values and continue with the target's settings, pass"
+            " allow_ema_change=True to restore_checkpoint"
+        )
+    restored = read(manager, step, saved_dtypes(target, record["arrays"]), where)
+    verify(record["arrays"], restored, where, step, directory)
+    if changes:
+        _LOG.warning(
+            "%s: the EMA's settings change (%s); its values are kept, in the target's"
+            " dtype, and the target's settings apply from now on",
+            where,
+            "; ".join(changes),
+        )
+    return cast_like(restored, target)
+
+
+def _restore_plain(
+    manager: ocp.CheckpointManager,
+    target: EmaTrainState,
+    step: int,
+    tree: Mapping[str, Any],
+    where: str,
+) -> EmaTrainState:
+    """A plain TrainState checkpoint: restores the raw state, starts the EMA from it."""
     raw = {"step": target.step, "params": target.params, "opt_state": target.opt_state}
     if "batch_stats" in tree:
         raw["batch_stats"] = target.batch_stats
-    expected = _leaves_by_path(target)
-    _check_fits(saved, {p: x for p, x in expected.items() if not p.startswith("ema_state.")}, where)
-    restored = manager.restore(step, args=ocp.args.StandardRestore(raw))
+    expected = leaves_by_path(target)
+    check_fits(
+        leaves_by_path(tree),
+        {p: x for p, x in expected.items() if not p.startswith("ema_state.")},
+        where,
+    )
+    restored = read(manager, step, raw, where)
     batch_stats = restored.get("batch_stats")
     variables = {"params": restored["params"]}
     if batch_stats is not None:
@@ -198,7 +366,8 @@ def restore_checkpoint(
     ema_state = ema_state._replace(step=jnp.asarray(restored["step"], jnp.int32))
     _LOG.warning(
         "%s has no EMA (a plain TrainState checkpoint): the EMA starts from its raw"
-        " weights, with the EMA's step set to %d",
+        " weights, with the EMA's step set to %d; it has no checksums, so it restores"
+        " unverified",
         where,
         int(ema_state.step),
     )
@@ -209,171 +378,3 @@ def restore_checkpoint(
         batch_stats=batch_stats,
         ema_state=_place_like(ema_state, target.ema_state),
     )
-
-
-def _rank(metrics: Mapping[str, float], *, name: str, worst: float) -> float:
-    """Orbax's ``best_fn``: the metric, with NaN ranked worst (a diverged evaluation)."""
-    value = float(metrics[name])
-    return worst if math.isnan(value) else value
-
-
-class BestCheckpoints:
-    """Keeps the best raw weights and the best EMA weights, each by its own metric.
-
-    pycls's "best" checkpoint tracks the raw and the EMA model separately; here two
-    orbax managers under ``directory`` (``raw/`` and ``ema/``) each keep one
-    checkpoint of evaluation variables (``{"params": ..., "batch_stats": ...}``,
-    no optimizer state): the raw weights ranked by ``metrics[raw_metric]``, the EMA
-    weights by ``metrics[ema_metric]``. On a tie the later step is kept (orbax's
-    ``best_fn`` with ``max_to_keep=1``); a NaN metric ranks worst. Reopening the
-    directory, e.g. on resume, continues the ranking.
-
-    Args:
-      directory: where to keep the two checkpoints (created if missing).
-      raw_metric: the key of the raw weights' metric in ``save``'s ``metrics``.
-      ema_metric: the key of the EMA weights' metric.
-      mode: ``"max"`` (accuracy) or ``"min"`` (error, loss).
-
-    Example:
-      >>> import tempfile
-      >>> import flax.linen as nn, jax, jax.numpy as jnp, optax
-      >>> import ema_jax
-      >>> model = nn.Dense(2)
-      >>> params = model.init(jax.random.key(0), jnp.ones((1, 3)))["params"]
-      >>> ema = ema_jax.normalized_ema(ema_alpha=1e-3, batch_size=32, max_epoch=10)
-      >>> state = ema_jax.EmaTrainState.create(
-      ...     apply_fn=model.apply, params=params, tx=optax.sgd(0.1), ema=ema)
-      >>> with tempfile.TemporaryDirectory() as workdir:
-      ...     with ema_jax.BestCheckpoints(workdir) as best:
-      ...         for step, (acc, ema_acc) in enumerate([(0.8, 0.7), (0.6, 0.9)]):
-      ...             best.save(step, state, {"accuracy": acc, "ema_accuracy": ema_acc})
-      ...         best.wait_until_finished()
-      ...         print(best.best_step("raw"), best.best_step("ema"))
-      ...         variables = best.restore("ema", state)  # for state.apply_fn
-      0 1
-    """
-
-    def __init__(
-        self,
-        directory: str | os.PathLike[str],
-        *,
-        raw_metric: str = "accuracy",
-        ema_metric: str = "ema_accuracy",
-        mode: Literal["max", "min"] = "max",
-    ) -> None:
-        if mode not in ("max", "min"):
-            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
-        for name, value in (("raw_metric", raw_metric), ("ema_metric", ema_metric)):
-            if not isinstance(value, str) or not value:
-                raise ValueError(f"{name} must be a non-empty string, got {value!r}")
-        self.raw_metric = raw_metric
-        self.ema_metric = ema_metric
-        self.mode = mode
-        self.directory = os.fspath(directory)
-        worst = -math.inf if mode == "max" else math.inf
-        metric_of: dict[Which, str] = {"raw": raw_metric, "ema": ema_metric}
-        self._managers: dict[Which, ocp.CheckpointManager] = {}
-        for which, metric in metric_of.items():
-            self._managers[which] = ocp.CheckpointManager(
-                os.path.join(self.directory, which),
-                item_handlers=ocp.StandardCheckpointHandler(),
-                options=ocp.CheckpointManagerOptions(
-                    max_to_keep=1,
-                    best_fn=functools.partial(_rank, name=metric, worst=worst),
-                    best_mode=mode,
-                    keep_checkpoints_without_metrics=False,
-                    create=True,
-                ),
-            )
-
-    def save(self, step: int, state: EmaTrainState, metrics: Mapping[str, float]) -> None:
-        """Offers the raw and the EMA weights at ``step``; each is kept if it is the best.
-
-        Call it after evaluating, with the metrics of both. Saving a step that is
-        already kept does nothing, so a resumed run may repeat its last epoch.
-
-        Raises:
-          ValueError: ``metrics`` lacks ``raw_metric`` or ``ema_metric``, or a value
-            is not a number.
-        """
-        values = {}
-        for name in (self.raw_metric, self.ema_metric):
-            if name not in metrics:
-                raise ValueError(f"metrics must have {name!r}, got keys {sorted(metrics)}")
-            try:
-                values[name] = float(metrics[name])
-            except (TypeError, ValueError):
-                raise ValueError(
-                    f"metrics[{name!r}] must be a number, got {metrics[name]!r}"
-                ) from None
-        for which, manager in self._managers.items():
-            if int(step) not in manager.all_steps():
-                item = _eval_variables(state, which)
-                manager.save(int(step), args=ocp.args.StandardSave(item), metrics=values)
-
-    def best_step(self, which: Which) -> int | None:
-        """The step of the best ``"raw"`` or ``"ema"`` weights so far, or None."""
-        return self._manager(which).best_step()
-
-    def best_metrics(self, which: Which) -> dict[str, float] | None:
-        """Both metrics of the kept ``"raw"`` or ``"ema"`` checkpoint, or None."""
-        step = self.best_step(which)
-        return None if step is None else dict(self._manager(which).metrics(step))
-
-    def restore(self, which: Which, target: EmaTrainState) -> dict[str, PyTree]:
-        """The best ``"raw"`` or ``"ema"`` weights as variables for ``target.apply_fn``.
-
-        Args:
-          which: ``"raw"`` or ``"ema"``.
-          target: a state (concrete or from ``jax.eval_shape``, leaves may carry
-            shardings) giving the variables' structure, dtypes and shardings.
-
-        Returns:
-          ``{"params": ..., "batch_stats": ...}`` (no ``"batch_stats"`` without them).
-
-        Raises:
-          FileNotFoundError: nothing saved yet.
-          ValueError: the checkpoint does not fit ``target``.
-        """
-        manager = self._manager(which)
-        manager.wait_until_finished()
-        step = manager.best_step()
-        if step is None:
-            raise FileNotFoundError(f"no finalized checkpoint in {manager.directory}")
-        item = _eval_variables(target, which)
-        tree = getattr(manager.item_metadata(step), "tree", None)
-        if not isinstance(tree, Mapping):
-            raise ValueError(_NO_METADATA.format(step=step, directory=manager.directory))
-        where = f"checkpoint step {step} in {manager.directory}"
-        _check_fits(_leaves_by_path(tree), _leaves_by_path(item), where)
-        return manager.restore(step, args=ocp.args.StandardRestore(item))
-
-    def wait_until_finished(self) -> None:
-        """Blocks until both managers' asynchronous saves are written."""
-        for manager in self._managers.values():
-            manager.wait_until_finished()
-
-    def close(self) -> None:
-        """Finishes pending saves and releases both managers."""
-        for manager in self._managers.values():
-            manager.close()
-
-    def __enter__(self) -> BestCheckpoints:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def _manager(self, which: Which) -> ocp.CheckpointManager:
-        if which not in self._managers:
-            raise ValueError(f"which must be 'raw' or 'ema', got {which!r}")
-        return self._managers[which]
-
-
-def _eval_variables(state: EmaTrainState, which: Which) -> dict[str, PyTree]:
-    """The variables to evaluate with: the raw ones or the EMA's."""
-    if which == "ema":
-        return state.ema_variables()
-    if state.batch_stats is None:
-        return {"params": state.params}
-    return {"params": state.params, "batch_stats": state.batch_stats}

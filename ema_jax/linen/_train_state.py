@@ -216,6 +216,10 @@ class EmaTrainState(train_state.TrainState):
                 "ema must be a transform from ema_jax.ema(schedule) (or"
                 f" ema_jax.normalized_ema), got {ema!r}"
             )
+        if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
+            raise TypeError(
+                f"tx must be an optax.GradientTransformation (with init and update), got {tx!r}"
+            )
         return cls(
             step=jnp.zeros((), jnp.int32),
             apply_fn=apply_fn,
