@@ -323,6 +323,7 @@ def test_a_run_of_a_step_dependent_schedule_compiles_once():
 
 CORE = [
     "ema_jax/_transform.py",
+    "ema_jax/_trees.py",
     *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "ema_jax" / "schedules").glob("*.py")),
 ]
 ALLOWED = (
