@@ -138,7 +138,9 @@ class Ema(nnx.Pytree):
       nonfinite_updates: updates whose parameters had NaN/Inf, when the transform
         counts them (an :class:`EmaCount`).
 
-    ``nnx.state(ema)`` is everything a checkpoint needs, ``step`` included.
+    ``nnx.state(ema)`` is everything a checkpoint needs, ``step`` included. Evaluate
+    with ``nnx.view(ema.apply_to(model), use_running_average=True)``: a view in
+    training mode would write BatchNorm statistics into the EMA's variables.
 
     Example:
       >>> import jax.numpy as jnp, optax
@@ -217,9 +219,10 @@ class Ema(nnx.Pytree):
     def update(self, model: Any) -> None:
         """Folds ``model``'s variables into the EMA; call right after the optimizer step.
 
-        Inside ``nnx.jit`` (donate the EMA: its buffers are then written in place); one
-        compilation serves the whole run, and calls the schedule skips cost next to
-        nothing.
+        Inside ``nnx.jit`` with the EMA donated (with the model and optimizer, as a
+        train step does: graph-mode ``nnx.jit`` returns every argument's variables and
+        copies those not donated), its buffers are written in place; one compilation
+        serves the whole run, and calls the schedule skips cost next to nothing.
 
         Raises:
           TypeError: ``model`` is no NNX object.
@@ -240,6 +243,8 @@ class Ema(nnx.Pytree):
 
         The view holds the EMA's own variables where the EMA has them and ``model``'s
         everywhere else (RNG streams, variables outside ``only``); nothing is copied.
+        Its modules are new objects: ``nnx.view(ema.apply_to(model),
+        use_running_average=True)`` puts it in evaluation mode and leaves ``model`` be.
 
         Raises:
           TypeError: ``model`` is no NNX object.
