@@ -1,4 +1,4 @@
-"""Small Flax models for the tests: one plain, one with BatchNorm."""
+"""Small Flax models for the tests: linen (one plain, one with BatchNorm) and NNX."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 
 import ema_jax
+import ema_jax.nnx
 
 # Warmup of one 3-step epoch, then an update every 2 steps: a few steps cross the
 # warmup boundary, and a resume mid-epoch and mid-cadence shows whether the step survives.
@@ -68,3 +70,44 @@ def train_step(state: ema_jax.EmaTrainState, x: jax.Array, y: jax.Array) -> Any:
 def batches(n: int, seed: int = 1) -> list[tuple[jax.Array, jax.Array]]:
     keys = jax.random.split(jax.random.key(seed), n)
     return [(jax.random.normal(k, (4, 5)), jax.random.normal(k, (4, 3)) * 0.1) for k in keys]
+
+
+# ------------------------------------------------------------------------------ NNX
+
+
+class NnxNet(nnx.Module):
+    """Linear -> BatchNorm -> relu -> Dropout -> Linear, and an integer call counter.
+
+    Every kind of variable an EMA meets: floating ``Param`` and ``BatchStat``, an
+    integer ``Variable``, and RNG state (the dropout stream).
+    """
+
+    def __init__(self, rngs: nnx.Rngs, *, width: int = 8, param_dtype: Any = jnp.float32):
+        self.lin = nnx.Linear(5, width, param_dtype=param_dtype, rngs=rngs)
+        self.bn = nnx.BatchNorm(width, momentum=0.9, param_dtype=param_dtype, rngs=rngs)
+        self.drop = nnx.Dropout(0.1, rngs=rngs)
+        self.out = nnx.Linear(width, 3, param_dtype=param_dtype, rngs=rngs)
+        self.calls = nnx.Variable(jnp.zeros((), jnp.int32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        self.calls[...] += 1
+        return self.out(self.drop(nnx.relu(self.bn(self.lin(x)))))
+
+
+def nnx_setup(ema: Any = EMA, seed: int = 0, **model_kw: Any) -> tuple[Any, Any, Any]:
+    """(model, optimizer, Ema) at step 0: SGD with momentum, the EMA over everything."""
+    model = NnxNet(nnx.Rngs(seed), **model_kw)
+    optimizer = nnx.Optimizer(model, optax.sgd(0.1, momentum=0.9), wrt=nnx.Param)
+    return model, optimizer, ema_jax.nnx.Ema(model, ema)
+
+
+def nnx_train_step(model: Any, optimizer: Any, ema: Any, x: jax.Array, y: jax.Array) -> Any:
+    """One SGD step on a squared loss (BatchNorm statistics updated), then the EMA's."""
+
+    def loss_fn(model: Any) -> jax.Array:
+        return jnp.mean((model(x) - y) ** 2)
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    ema.update(model)
+    return loss

@@ -8,12 +8,15 @@ from pathlib import Path
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 README = Path(__file__).parent.parent / "README.md"
 
 
-def python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+def python_blocks(nnx_blocks: bool = False) -> list[str]:
+    """The linen blocks (one namespace, in order), or the NNX ones (their own)."""
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    return [b for b in blocks if ("from flax import nnx" in b) == nnx_blocks]
 
 
 class BnModel(nn.Module):
@@ -45,3 +48,32 @@ def test_api_and_train_state_snippets_run(tmp_path):
     assert namespace["logits"].shape == (4, 3)
     state = namespace["train_step"](namespace["state"], x, y)
     assert int(state.step) == int(state.ema_state.step) == 1
+
+
+class NnxModel(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.lin = nnx.Linear(5, 8, rngs=rngs)
+        self.bn = nnx.BatchNorm(8, rngs=rngs)
+        self.out = nnx.Linear(8, 3, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.out(self.bn(self.lin(x)))
+
+
+def test_nnx_snippet_runs():
+    x, y = jnp.ones((4, 5)), jnp.zeros((4, 3))
+    namespace = {
+        "Model": NnxModel,
+        "x": x,
+        "y": y,
+        "loss": lambda out, y: jnp.mean((out - y) ** 2),
+    }
+    (block,) = python_blocks(nnx_blocks=True)
+    exec("import jax, optax, ema_jax", namespace)
+    exec(block, namespace)
+    assert namespace["logits"].shape == (4, 3)
+    model, optimizer, ema = (namespace[k] for k in ("model", "optimizer", "ema"))
+    namespace["train_step"](model, optimizer, ema, x, y)
+    assert int(ema.ema_state.step) == 1
+    # The view follows the update: it holds the EMA's variables.
+    assert namespace["ema_model"].lin.kernel is ema.params["lin"]["kernel"]

@@ -1,0 +1,297 @@
+"""`Ema`: an EMA of a Flax NNX model's variables, a drop-in for `nnx.EMA`.
+
+The wrapper only moves variables in and out (``nnx.state``, ``nnx.split``/``merge``,
+``apply_to`` views); the pure transform (``ema_jax.ema`` or ``ema_jax.normalized_ema``)
+does the math.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from typing import TypeVar
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx import filterlib
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
+
+from ema_jax._transform import EmaState
+
+M = TypeVar("M")
+
+_TRANSFORM_METHODS = ("init", "update", "settings")
+_BAD_TRANSFORM = (
+    "ema must be a transform from ema_jax.ema(...) or ema_jax.normalized_ema(...), got {got}"
+)
+_CONSTANT_HINT = (
+    " (for nnx.EMA's constant decay d, pass ema_jax.ema(ema_jax.schedules.constant(d)))"
+)
+
+
+class EmaCount(nnx.Variable):
+    """An :class:`Ema`'s counters, ``step`` and ``nonfinite_updates``: int32 scalars.
+
+    A type of their own, so that filters for the model's variables (``nnx.Param``,
+    ``nnx.BatchStat``) never select them.
+    """
+
+
+def _is_variable(x: Any) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _averaged(only: filterlib.Filter) -> filterlib.Filter:
+    """What the EMA holds: ``only``, less RNG state (keys are no numbers to average)."""
+    return nnx.All(only, nnx.Not(nnx.RngState))
+
+
+def _describe(x: Any) -> str:
+    text = repr(x)
+    return f"{type(x).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
+
+
+def _path(path: tuple[Any, ...]) -> str:
+    """``("layers", 0, "kernel")`` as ``.layers[0].kernel``: the attribute access."""
+    out = ""
+    for key in path:
+        out += f".{key}" if isinstance(key, str) and key.isidentifier() else f"[{key!r}]"
+    return out
+
+
+def _check_model(model: Any, where: str) -> None:
+    if not isinstance(model, nnx.Pytree):
+        hint = ""
+        if callable(getattr(model, "init", None)) and callable(getattr(model, "update", None)):
+            hint = " (the order is Ema(model, ema))" if where == "Ema" else ""
+        raise TypeError(
+            f"{where}: model must be an NNX object (an nnx.Module or other nnx.Pytree),"
+            f" got {_describe(model)}{hint}; for a plain pytree of arrays use the"
+            " transform itself: ema.init(params), ema.update(params, state)"
+        )
+
+
+def _check_transform(ema: Any) -> None:
+    if isinstance(ema, type) or not all(
+        callable(getattr(ema, name, None)) for name in _TRANSFORM_METHODS
+    ):
+        hint = _CONSTANT_HINT if isinstance(ema, float) else ""
+        raise TypeError(_BAD_TRANSFORM.format(got=_describe(ema)) + hint)
+    try:
+        hash(ema)
+    except TypeError:
+        raise TypeError(
+            f"ema must be hashable (it is static under nnx.jit), got {_describe(ema)}"
+        ) from None
+
+
+def _numeric(value: Any) -> bool:
+    dtype = getattr(value, "dtype", None)
+    if dtype is None:
+        if not isinstance(value, int | float | bool) or isinstance(value, complex):
+            return False
+        dtype = jnp.result_type(value)
+    return bool(jnp.issubdtype(dtype, jnp.number) or jnp.issubdtype(dtype, jnp.bool_))
+
+
+def _replicated_like(leaves: list[Any]) -> Any:
+    """Puts a counter replicated on the variables' mesh, where they have one.
+
+    A scalar made on one device would come back from the first sharded step replicated
+    on the mesh, and jit would compile the step a second time for it.
+    """
+    for x in leaves:
+        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+            sharding = x.sharding
+            if isinstance(sharding, NamedSharding):
+                replicated = NamedSharding(sharding.mesh, PartitionSpec())
+                return lambda counter: jax.device_put(counter, replicated)
+    return lambda counter: counter
+
+
+class Ema(nnx.Pytree):
+    r"""An EMA of an NNX model's variables, updated by an ``ema_jax`` transform.
+
+    A drop-in for ``nnx.EMA(model, decay, only=...)`` with the same ``update(model)``
+    and ``apply_to(model)``, whose averaging is any ema_jax transform: pycls's
+    normalized step size, warmup, an update period, an fp32 average of bf16 weights,
+    the NaN/Inf guard. At each ``update`` the transform moves every selected floating
+    variable towards the model's, :math:`e \leftarrow e + \alpha_t\,(v - e)`, with the
+    :math:`\alpha_t` its schedule gives call :math:`t` (0 on calls it skips).
+
+    What is averaged: ``only`` has ``nnx.EMA``'s meaning and default, ``...``, every
+    :class:`nnx.Variable` of the model: ``nnx.Param``, ``nnx.BatchStat`` and any other
+    variable type. Of those, floating variables are averaged and integer and bool ones
+    copied at each EMA update (the core's rule: a counter stays exact, where
+    ``nnx.EMA`` blends it as a float and truncates). RNG state (``nnx.RngState``:
+    keys and counts) is never held: a key is no number to average (``nnx.EMA`` fails
+    on it), and the view draws from the model's own streams. Variables outside
+    ``only`` are left alone, as ``nnx.EMA`` leaves them.
+
+    Attributes:
+      transform: the transform (static).
+      filter: the ``only`` filter (static).
+      params: the averages, an ``nnx.State`` of variables of the model's types and
+        metadata (shardings included), ``ema_dtype`` when the transform has one.
+      step: calls of ``update`` so far (an :class:`EmaCount`).
+      nonfinite_updates: updates whose parameters had NaN/Inf, when the transform
+        counts them (an :class:`EmaCount`).
+
+    ``nnx.state(ema)`` is everything a checkpoint needs, ``step`` included. Evaluate
+    with ``nnx.view(ema.apply_to(model), use_running_average=True)``: a view in
+    training mode would write BatchNorm statistics into the EMA's variables.
+
+    Example:
+      >>> import jax.numpy as jnp, optax
+      >>> from flax import nnx
+      >>> import ema_jax
+      >>> from ema_jax import nnx as ema_nnx
+      >>> model = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+      >>> optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+      >>> ema = ema_nnx.Ema(model, ema_jax.normalized_ema(
+      ...     ema_alpha=1e-3, batch_size=32, max_epoch=10, update_period=1))
+      >>> ema_model = ema.apply_to(model)  # evaluates with the averages, follows updates
+      >>> @nnx.jit(donate_argnums=(0, 1, 2))
+      ... def train_step(model, optimizer, ema, x, y):
+      ...     grads = nnx.grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+      ...     optimizer.update(model, grads)
+      ...     ema.update(model)  # after the optimizer step
+      >>> train_step(model, optimizer, ema, jnp.ones((1, 2)), jnp.ones((1, 2)))
+      >>> int(ema.ema_state.step), ema_model(jnp.ones((1, 2))).shape
+      (1, (1, 2))
+    """
+
+    def __init__(self, model: Any, ema: Any, *, only: filterlib.Filter = ...) -> None:
+        """Starts the EMA as a copy of the variables of ``model`` that ``only`` selects.
+
+        Args:
+          model: the NNX model (or any ``nnx.Pytree``) whose variables to average.
+          ema: the transform, from ``ema_jax.ema(...)`` or ``ema_jax.normalized_ema(...)``.
+          only: an NNX filter of the variables to average; ``...`` (default) is all
+            but RNG state, as described above.
+
+        Raises:
+          TypeError: ``model`` is no NNX object, ``ema`` no transform, ``only`` no
+            filter, or a selected variable holds no numeric array.
+          ValueError: ``only`` selects no variable.
+        """
+        _check_model(model, "Ema")
+        _check_transform(ema)
+        try:
+            filterlib.to_predicate(only)
+        except (TypeError, ValueError):  # flax 0.12.8's own message fails to format
+            raise TypeError(f"only must be an NNX filter, got {_describe(only)}") from None
+        selected = nnx.state(model, _averaged(only))
+        flat = nnx.to_flat_state(selected)
+        if not len(flat):
+            kinds = sorted({type(v).__name__ for _, v in nnx.to_flat_state(nnx.state(model))})
+            raise ValueError(
+                f"only={only!r} selects no variable of the model (it has"
+                f" {', '.join(kinds) or 'no'} variables; RNG state is never averaged)"
+            )
+        for path, variable in flat:
+            if not _numeric(variable.get_value()):
+                raise TypeError(
+                    f"model{_path(path)} holds {_describe(variable.get_value())}, not a"
+                    f" numeric array: leave it out of only={only!r}"
+                )
+        state = ema.init(nnx.as_pure(selected))
+        place = _replicated_like(jax.tree.leaves(state.ema))
+        self.transform = ema
+        self.filter = only
+        self.step = EmaCount(place(state.step))
+        self.nonfinite_updates = EmaCount(place(state.nonfinite_updates))
+        # The model's variable types and metadata (shardings) around the transform's copies.
+        self.params = nnx.data(
+            jax.tree.map(lambda v, x: v.copy(x), selected, state.ema, is_leaf=_is_variable)
+        )
+
+    @property
+    def ema_state(self) -> EmaState:
+        """The transform's :class:`~ema_jax.EmaState`: ``ema`` is a State of plain arrays."""
+        return EmaState(
+            step=self.step.get_value(),
+            ema=nnx.as_pure(self.params),
+            nonfinite_updates=self.nonfinite_updates.get_value(),
+        )
+
+    def update(self, model: Any) -> None:
+        """Folds ``model``'s variables into the EMA; call right after the optimizer step.
+
+        Inside ``nnx.jit`` with the EMA donated (with the model and optimizer, as a
+        train step does: graph-mode ``nnx.jit`` returns every argument's variables and
+        copies those not donated), its buffers are written in place; one compilation
+        serves the whole run, and calls the schedule skips cost next to nothing.
+
+        Raises:
+          TypeError: ``model`` is no NNX object.
+          ValueError: ``model``'s variables do not match the EMA's (the first
+            differing path is named), before any tracing.
+        """
+        _check_model(model, "Ema.update")
+        current = self._matching(model, "update")
+        state = self.transform.update(nnx.as_pure(current), self.ema_state)
+        self.step.set_value(state.step)
+        self.nonfinite_updates.set_value(state.nonfinite_updates)
+        targets = jax.tree.leaves(self.params, is_leaf=_is_variable)
+        for variable, value in zip(targets, jax.tree.leaves(state.ema), strict=True):
+            variable.set_value(value)
+
+    def apply_to(self, model: M) -> M:
+        """A view of ``model`` that evaluates with the averages and follows later updates.
+
+        The view holds the EMA's own variables where the EMA has them and ``model``'s
+        everywhere else (RNG streams, variables outside ``only``); nothing is copied.
+        Its modules are new objects: ``nnx.view(ema.apply_to(model),
+        use_running_average=True)`` puts it in evaluation mode and leaves ``model`` be.
+
+        Raises:
+          TypeError: ``model`` is no NNX object.
+          ValueError: ``model`` is not shaped like the model the EMA was built from.
+        """
+        _check_model(model, "Ema.apply_to")
+        self._matching(model, "apply_to")
+        graphdef, state = nnx.split(model)
+        return nnx.merge(graphdef, nnx.merge_state(state, self.params))
+
+    def _matching(self, model: Any, method: str) -> nnx.State:
+        """``model``'s averaged variables, after checking they match the EMA's."""
+        current = nnx.state(model, _averaged(self.filter))
+        got = dict(nnx.to_flat_state(current))
+        want = dict(nnx.to_flat_state(self.params))
+        problem = None
+        missing = [p for p in want if p not in got]
+        extra = [p for p in got if p not in want]
+        if missing:
+            problem = f"model{_path(missing[0])} is missing"
+        elif extra:
+            problem = f"model{_path(extra[0])} is not in the EMA"
+        else:
+            for path, e in want.items():
+                v, where = got[path], f"model{_path(path)}"
+                if type(v) is not type(e):
+                    problem = f"{where} is a {type(v).__name__}, the EMA's a {type(e).__name__}"
+                elif jnp.shape(v.get_value()) != jnp.shape(e.get_value()):
+                    problem = (
+                        f"{where} has shape {jnp.shape(v.get_value())}, the EMA's"
+                        f" {jnp.shape(e.get_value())}"
+                    )
+                elif _is_float(v) != _is_float(e):
+                    problem = (
+                        f"{where} has dtype {jnp.result_type(v.get_value())}, the EMA's"
+                        f" {jnp.result_type(e.get_value())}"
+                    )
+                if problem:
+                    break
+        if problem:
+            raise ValueError(
+                f"Ema.{method}: model does not match the EMA's variables: {problem}"
+                f" ({len(missing)} missing, {len(extra)} extra of {len(want)}); is it"
+                " another model?"
+            )
+        return current
+
+
+def _is_float(variable: nnx.Variable) -> bool:
+    return bool(jnp.issubdtype(jnp.result_type(variable.get_value()), jnp.floating))

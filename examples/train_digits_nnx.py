@@ -1,0 +1,254 @@
+"""Train a small CNN on scikit-learn's handwritten digits in Flax NNX, with pycls's EMA.
+
+The NNX twin of ``train_digits.py``: the same data, recipe, table and plot, with
+``ema_jax.nnx.Ema`` in the place of ``nnx.EMA``. Each epoch evaluates the raw and the
+EMA weights on a held-out split and checkpoints model, optimizer and EMA with orbax
+into ``--workdir``; run it again and it resumes (or, when the run is complete, just
+prints the results). At the end it prints a table of raw vs EMA test accuracy and
+writes ``curves.png`` into the workdir.
+
+Run: python examples/train_digits_nnx.py [--workdir workdir/digits_nnx] [--epochs 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from tqdm import tqdm
+
+import ema_jax
+from ema_jax import nnx as ema_nnx
+
+# The settings a checkpoint belongs to: resuming with other values would mix two runs.
+RUN_SETTINGS = ("epochs", "batch_size", "lr", "ema_alpha", "update_period", "seed", "quick")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workdir", default=os.path.join("workdir", "digits_nnx"))
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=32)
+    # High on purpose: the raw weights keep jumping, and the EMA averages the jumps out.
+    parser.add_argument("--lr", type=float, default=2.0, help="SGD learning rate after warmup")
+    # pycls's CIFAR recipe (EMA_ALPHA 2.5e-4, 50k images) gives the EMA a half-life of
+    # 5.5% of training; with 1344 images per epoch, 1e-2 keeps about that (5.2%).
+    parser.add_argument("--ema-alpha", type=float, default=1e-2, help="pycls's EMA_ALPHA")
+    # pycls's default 32 suits epochs of hundreds of steps; an epoch here has 42.
+    parser.add_argument("--update-period", type=int, default=4, help="pycls's EMA_UPDATE_PERIOD")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="2 short epochs on 256 images (tests)")
+    parser.add_argument("--no-plot", action="store_true", help="do not write curves.png")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.epochs = 2
+    if args.epochs < 1 or args.batch_size < 1:
+        parser.error(
+            f"--epochs and --batch-size must be >= 1, got {args.epochs}, {args.batch_size}"
+        )
+    return args
+
+
+def load_data(quick: bool) -> tuple[np.ndarray, ...]:
+    """The 1797 8x8 digits shipped with scikit-learn, split 75/25 (stratified, fixed)."""
+    digits = load_digits()
+    images = (digits.images / 16.0).astype(np.float32)[..., None]  # NHWC, in [0, 1]
+    labels = digits.target.astype(np.int32)
+    x_train, x_test, y_train, y_test = train_test_split(
+        images, labels, test_size=0.25, random_state=0, stratify=labels
+    )
+    if quick:
+        x_train, y_train = x_train[:256], y_train[:256]
+    return x_train, y_train, x_test, y_test
+
+
+class Cnn(nnx.Module):
+    """Two conv + BatchNorm blocks, global average pooling, a linear classifier."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.conv1 = nnx.Conv(1, 32, (3, 3), use_bias=False, rngs=rngs)
+        self.bn1 = nnx.BatchNorm(32, momentum=0.9, rngs=rngs)
+        self.conv2 = nnx.Conv(32, 64, (3, 3), strides=2, use_bias=False, rngs=rngs)
+        self.bn2 = nnx.BatchNorm(64, momentum=0.9, rngs=rngs)
+        self.head = nnx.Linear(64, 10, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nnx.relu(self.bn1(self.conv1(x)))
+        x = nnx.relu(self.bn2(self.conv2(x)))
+        return self.head(x.mean(axis=(1, 2)))
+
+
+def create(args: argparse.Namespace, steps_per_epoch: int) -> tuple[Cnn, Any, ema_nnx.Ema]:
+    """Model, optimizer and EMA at step 0."""
+    model = Cnn(nnx.Rngs(args.seed))
+    # One epoch of linear warmup from 10%, as pycls's WARMUP_EPOCHS/WARMUP_FACTOR; then
+    # constant, so that the raw weights stay noisy to the end.
+    lr = optax.warmup_constant_schedule(0.1 * args.lr, args.lr, warmup_steps=steps_per_epoch)
+    optimizer = nnx.Optimizer(model, optax.sgd(lr, momentum=0.9), wrt=nnx.Param)
+    transform = ema_jax.normalized_ema(
+        ema_alpha=args.ema_alpha,  # pycls's EMA_ALPHA
+        batch_size=args.batch_size,  # global batch size
+        max_epoch=args.epochs,  # schedule length
+        update_period=args.update_period,  # update every k optimizer steps
+        warmup_epochs=1,  # copy the weights during the warmup epoch
+        steps_per_epoch=steps_per_epoch,
+    )
+    # The default `only` averages the weights (nnx.Param) and the BatchNorm statistics
+    # (nnx.BatchStat), as pycls averages the whole state dict.
+    return model, optimizer, ema_nnx.Ema(model, transform)
+
+
+@nnx.jit(donate_argnums=(0, 1, 2))  # one compilation; the EMA is written in place
+def train_step(model: Cnn, optimizer: Any, ema: ema_nnx.Ema, x: jax.Array, y: jax.Array):
+    def loss_fn(model: Cnn) -> jax.Array:
+        logits = model(x)  # BatchNorm in training mode updates its statistics
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    ema.update(model)  # after the optimizer step
+    return loss
+
+
+@nnx.jit
+def evaluate(raw: Cnn, averaged: Cnn, x: jax.Array, y: jax.Array) -> jax.Array:
+    """Test accuracy of the raw weights and of the EMA weights (with their BN stats)."""
+    return jnp.stack([jnp.mean(jnp.argmax(m(x), -1) == y) for m in (raw, averaged)])
+
+
+def print_table(history: list[dict[str, float]]) -> None:
+    print(f"{'epoch':>5}  {'raw acc':>7}  {'EMA acc':>7}")
+    for row in history:
+        print(f"{row['epoch']:>5d}  {row['accuracy']:>7.4f}  {row['ema_accuracy']:>7.4f}")
+
+
+def best_row(history: list[dict[str, float]], metric: str) -> dict[str, float]:
+    """The row with the best ``metric``; on a tie, the later one."""
+    return max(reversed(history), key=lambda row: row[metric])
+
+
+def plot(history: list[dict[str, float]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    epochs = [row["epoch"] for row in history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(epochs, [100 * row["accuracy"] for row in history], ".-", label="raw weights")
+    ax.plot(epochs, [100 * row["ema_accuracy"] for row in history], ".-", label="EMA weights")
+    ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="Digits (NNX): raw vs EMA weights")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Trains (or resumes); returns the history, the best rows and what this call trained."""
+    args = parse_args(argv)
+    settings = {name: getattr(args, name) for name in RUN_SETTINGS}
+    x_train, y_train, x_test, y_test = load_data(args.quick)
+    steps_per_epoch = len(x_train) // args.batch_size  # the last partial batch is dropped
+    if steps_per_epoch == 0:
+        sys.exit(f"--batch-size {args.batch_size} exceeds the {len(x_train)} training images")
+    model, optimizer, ema = create(args, steps_per_epoch)
+    transform = ema.transform
+    print(
+        f"{len(x_train)} training / {len(x_test)} test images, {steps_per_epoch} steps per"
+        f" epoch; EMA alpha per update {transform.alpha:.4f}, every"
+        f" {transform.update_period} steps"
+    )
+    print(transform.explain())  # what these EMA settings mean: half-life, warnings
+
+    workdir = os.path.abspath(args.workdir)
+    history: list[dict[str, float]] = []
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
+    with ocp.CheckpointManager(
+        os.path.join(workdir, "checkpoints"),
+        item_handlers=ocp.StandardCheckpointHandler(),
+        options=options,
+    ) as manager:
+        latest = manager.latest_step()
+        if latest is not None:
+            saved = manager.item_metadata(latest).custom_metadata
+            if saved["settings"] != settings:
+                sys.exit(
+                    f"{workdir} holds a run with other settings ({saved['settings']});"
+                    " pass another --workdir"
+                )
+            # Restore into an abstract target: model, optimizer and EMA, step included.
+            graphdef, target = nnx.split(nnx.eval_shape(lambda: create(args, steps_per_epoch)))
+            state = manager.restore(latest, args=ocp.args.StandardRestore(target))
+            model, optimizer, ema = nnx.merge(graphdef, state)
+            history = saved["history"]
+        # Evaluation views: they share the variables (and follow every update), with
+        # BatchNorm on its running statistics; the EMA's view holds the EMA's.
+        raw_eval = nnx.view(model, use_running_average=True)
+        ema_eval = nnx.view(ema.apply_to(model), use_running_average=True)
+        start = int(optimizer.step[...]) // steps_per_epoch
+        if start >= args.epochs:
+            print(f"{workdir} holds the whole run ({args.epochs} epochs): nothing to train.")
+        elif start > 0:
+            print(f"Resuming from epoch {start} in {workdir}")
+        x_eval, y_eval = jnp.asarray(x_test), jnp.asarray(y_test)
+        bar = tqdm(
+            total=(args.epochs - start) * steps_per_epoch,
+            disable=args.no_progress or start >= args.epochs,
+            unit="step",
+        )
+        for epoch in range(start, args.epochs):
+            # The data order depends only on (seed, epoch): a resumed run sees the same.
+            order = np.random.default_rng([args.seed, epoch]).permutation(len(x_train))
+            for i in range(steps_per_epoch):
+                idx = order[i * args.batch_size : (i + 1) * args.batch_size]
+                train_step(model, optimizer, ema, x_train[idx], y_train[idx])
+                bar.update()
+            accuracies = evaluate(raw_eval, ema_eval, x_eval, y_eval)
+            accuracy, ema_accuracy = (float(a) for a in accuracies)
+            row = {"epoch": epoch + 1, "accuracy": accuracy, "ema_accuracy": ema_accuracy}
+            history.append(row)
+            bar.set_postfix(epoch=epoch + 1, raw=f"{accuracy:.3f}", ema=f"{ema_accuracy:.3f}")
+            step = int(optimizer.step[...])
+            # A copy: orbax writes the metadata in the background, after later epochs.
+            meta = {"settings": settings, "history": [dict(r) for r in history]}
+            everything = nnx.state((model, optimizer, ema))
+            manager.save(step, args=ocp.args.StandardSave(everything, custom_metadata=meta))
+        bar.close()
+
+    print_table(history)
+    best_rows = {"raw": best_row(history, "accuracy"), "ema": best_row(history, "ema_accuracy")}
+    raw, ema_row = best_rows["raw"], best_rows["ema"]
+    print(f"best raw: {raw['accuracy']:.4f} (epoch {raw['epoch']})")
+    print(f"best EMA: {ema_row['ema_accuracy']:.4f} (epoch {ema_row['epoch']})")
+    nonfinite = int(ema.ema_state.nonfinite_updates)
+    print(f"EMA updates skipped for NaN/Inf weights: {nonfinite}")
+    if not args.no_plot:
+        plot(history, os.path.join(workdir, "curves.png"))
+        print(f"wrote {os.path.join(workdir, 'curves.png')}")
+    return {
+        "history": history,  # one row per epoch: epoch, accuracy, ema_accuracy
+        "best": best_rows,  # {"raw": row, "ema": row}: the best epochs by each metric
+        "trained_epochs": args.epochs - min(start, args.epochs),  # by this call
+        "nonfinite_updates": nonfinite,
+        "workdir": workdir,
+    }
+
+
+if __name__ == "__main__":
+    main()
