@@ -7,6 +7,8 @@ what runs inside a jitted train step is all here.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import Any
 from typing import Literal
 from typing import NamedTuple
@@ -55,16 +57,30 @@ class Ema:
     ``struct.field(pytree_node=False)``.
     """
 
-    schedule: Schedule
+    schedule: Schedule | tuple[Schedule, ...]
     ema_dtype: np.dtype | None = None
     nonfinite: Nonfinite = "skip"
+    names: tuple[str, ...] | None = None
+    """With several schedules: a name for each average (None: they go by index)."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.schedule, Schedule):
-            raise TypeError(
-                "schedule must be a schedule from ema_jax.schedules (e.g."
-                f" schedules.constant(0.999)), got {self.schedule!r}"
-            )
+        several = isinstance(self.schedule, tuple)
+        for s in self.schedule if several else (self.schedule,):
+            if not isinstance(s, Schedule):
+                raise TypeError(
+                    "schedule must be a schedule from ema_jax.schedules (e.g."
+                    f" schedules.constant(0.999)) or a tuple of them, got {s!r}"
+                )
+        if several and not self.schedule:
+            raise ValueError("schedule must hold at least one schedule, got ()")
+        if self.names is not None:
+            names = tuple(self.names)
+            if not several or len(names) != len(self.schedule) or len(set(names)) != len(names):
+                raise ValueError(
+                    f"names must be distinct, one per schedule, got {self.names!r} for"
+                    f" {len(self.schedule) if several else 1} schedule(s)"
+                )
+            object.__setattr__(self, "names", names)
         if self.ema_dtype is not None:
             try:
                 dtype = _validate.resolve_dtype(self.ema_dtype, "ema_dtype")
@@ -76,14 +92,61 @@ class Ema:
         _validate.check_choice("nonfinite", self.nonfinite, NONFINITE)
 
     @property
+    def several(self) -> bool:
+        """Whether this EMA keeps several averages (a trailing axis on every EMA leaf)."""
+        return isinstance(self.schedule, tuple)
+
+    @property
+    def schedules(self) -> tuple[Schedule, ...]:
+        """The schedules, one per average."""
+        return self.schedule if isinstance(self.schedule, tuple) else (self.schedule,)
+
+    @property
     def alpha(self) -> float | None:
         """The step size of every averaging update when it is a constant, else None."""
-        return self.schedule.static_alpha
+        return None if self.several else self._one().static_alpha
 
     @property
     def update_period(self) -> int:
         """Update calls between EMA updates (0: never)."""
-        return self.schedule.update_period
+        return self._one().update_period
+
+    def _one(self) -> Schedule:
+        if isinstance(self.schedule, tuple):
+            raise AttributeError(
+                "this EMA keeps several averages: ask ema.schedules[k] for one schedule's"
+                " alpha or update_period"
+            )
+        return self.schedule
+
+    def index(self, which: int | str) -> int:
+        """The position of average ``which`` (its index, or its name)."""
+        count = len(self.schedules)
+        if isinstance(which, str):
+            if self.names is None or which not in self.names:
+                raise ValueError(f"which must be one of the names {self.names}, got {which!r}")
+            return self.names.index(which)
+        if isinstance(which, bool) or not isinstance(which, int) or not -count <= which < count:
+            raise ValueError(f"which must be an index below {count} or a name, got {which!r}")
+        return which % count
+
+    def average(self, ema: PyTree, which: int | str | None = None) -> PyTree:
+        """One average out of ``EmaState.ema``: the tree to evaluate with.
+
+        With a single schedule, ``ema`` itself (``which`` must be None or 0). With
+        several, the ``which``-th (index or name) along every leaf's trailing axis.
+        """
+        if not self.several:
+            if which not in (None, 0):
+                raise ValueError(f"this EMA keeps one average, got which={which!r}")
+            return ema
+        if which is None:
+            raise ValueError(
+                f"this EMA keeps {len(self.schedules)} averages: pick one with which="
+                f"(an index{' or one of ' + repr(self.names) if self.names else ''})"
+            )
+        k = self.index(which)
+        return jax.tree.map(lambda e: e[..., k], ema)
 
     @property
     def skip_nonfinite(self) -> bool:
@@ -101,8 +164,13 @@ class Ema:
         only what happens to NaN/Inf.
         """
         dtype = None if self.ema_dtype is None else self.ema_dtype.name
+        schedule: Any = (
+            [s.settings() for s in self.schedules] if self.several else (self._one().settings())
+        )
+        if self.names is not None:
+            schedule = dict(zip(self.names, schedule, strict=True))
         return {
-            "schedule": self.schedule.settings(),
+            "schedule": schedule,
             "ema_dtype": dtype,
             "nonfinite": self.nonfinite,
         }
@@ -126,7 +194,9 @@ class Ema:
 
         if kwargs.get("dtype") is None:
             kwargs["dtype"] = self.ema_dtype if self.ema_dtype is not None else "float32"
-        return explain(self.schedule, **kwargs)
+        if self.several:
+            return tuple(explain(s, **kwargs) for s in self.schedules)
+        return explain(self._one(), **kwargs)
 
     def init(self, params: PyTree) -> EmaState:
         """Starts the EMA as a copy of ``params`` (real floating leaves cast to ``ema_dtype``).
@@ -149,7 +219,10 @@ class Ema:
                 _trees.check_initial_value(name, p, self._leaf_dtype(p), guarded)
 
         def copy_leaf(p: Any) -> jax.Array:
-            return jnp.array(p, dtype=self._leaf_dtype(p), copy=True)
+            copy = jnp.array(p, dtype=self._leaf_dtype(p), copy=True)
+            if self.several:  # one copy per average, along a trailing axis
+                copy = jnp.repeat(copy[..., None], len(self.schedules), axis=-1)
+            return copy
 
         # Two distinct buffers: donating a state whose fields share one fails.
         return EmaState(
@@ -180,9 +253,9 @@ class Ema:
                 "state.step must be an integer scalar (int32 from init), got shape"
                 f" {jnp.shape(state.step)} and dtype {step_dtype}"
             )
-        params = _trees.check_params_match(params, state.ema)
+        params = _trees.check_params_match(params, state.ema, stacked=self.several)
         step = optax.safe_increment(state.step)
-        plan = self.schedule.plan(jnp.asarray(state.step, jnp.int32))
+        plan = self._plan(jnp.asarray(state.step, jnp.int32))
         if plan.update is False:
             return state._replace(step=step)
 
@@ -197,6 +270,29 @@ class Ema:
         else:  # One two-way cond: XLA:CPU runs a three-way switch several times slower.
             ema, bad = jax.lax.cond(plan.update, fold, skip, params, state.ema)
         return EmaState(step=step, ema=ema, nonfinite_updates=state.nonfinite_updates + bad)
+
+    def _plan(self, i: jax.Array) -> Plan:
+        """The call's plan; for several averages, vectors along the trailing axis.
+
+        An average whose schedule skips this call gets ``alpha = 0`` (and a keep weight
+        of 1): ``ema + 0 * (p - ema)`` is ``ema`` exactly, so one pass serves all.
+        """
+        if not self.several:
+            return self._one().plan(i)
+        plans = [s.plan(i) for s in self.schedules]
+        if all(p.update is False for p in plans):
+            return Plan(False, 0.0, False)
+        updates = jnp.stack([jnp.asarray(p.update, bool) for p in plans])
+        alpha = jnp.where(updates, jnp.stack([jnp.asarray(p.alpha, jnp.float32) for p in plans]), 0)
+        copy: bool | jax.Array = False
+        if any(p.copy is not False for p in plans):
+            copy = updates & jnp.stack([jnp.asarray(p.copy, bool) for p in plans])
+        keep = None
+        if any(p.keep is not None for p in plans):
+            kept = [np.float32(np.nan if p.keep is None else p.keep) for p in plans]
+            keep = jnp.where(updates, jnp.asarray(kept), 1.0)  # NaN: the lerp form's (below)
+        any_update = True if any(p.update is True for p in plans) else jnp.any(updates)
+        return Plan(any_update, alpha, copy, keep, updates)
 
     def _leaf_dtype(self, p: Any) -> np.dtype | None:
         """``ema_dtype`` for real floating leaves; None (the leaf's own) otherwise."""
@@ -216,21 +312,26 @@ class Ema:
         blend (tests/test_structure.py), so it counts NaN/Inf parameters, not overflows.
         """
         static_copy = plan.copy is True or (type(plan.alpha) is float and plan.alpha == 1.0)
+        all_kept = all(s._keep() is not None for s in self.schedules)  # no lerp form needed
         counted: list[jax.Array] = []  # the count reads the parameters (see below)
 
         def leaf(p: jax.Array, e: jax.Array) -> jax.Array:
+            if self.several:
+                p = p[..., None]  # one read of the parameters for every average
             copy = jnp.asarray(p, e.dtype)
             if not _trees.is_averaged(e):
-                return copy
+                return copy if plan.applied is None else jnp.where(plan.applied, copy, e)
             if static_copy:
                 new = copy
             else:
                 ct = jnp.promote_types(e.dtype, jnp.float32)
                 e_c, p_c = e.astype(ct), jnp.asarray(p, ct)
-                if plan.keep is not None:  # flax nnx.EMA's operation order, bit for bit
-                    blend = plan.keep * e_c + plan.alpha * p_c
-                else:
-                    blend = e_c + plan.alpha * (p_c - e_c)
+                lerp = None if all_kept else e_c + plan.alpha * (p_c - e_c)
+                if plan.keep is None:
+                    blend = lerp
+                else:  # flax nnx.EMA's operation order, bit for bit
+                    kept = plan.keep * e_c + plan.alpha * p_c
+                    blend = kept if lerp is None else jnp.where(jnp.isnan(plan.keep), lerp, kept)
                 new = blend.astype(e.dtype)
                 if plan.copy is not False:
                     new = jnp.where(plan.copy, copy, new)
@@ -246,7 +347,12 @@ class Ema:
         return new_ema, _trees.has_nonfinite(counted).astype(jnp.int32)
 
 
-def ema(schedule: Schedule, *, ema_dtype: Any = None, nonfinite: Nonfinite = "skip") -> Ema:
+def ema(
+    schedule: Schedule | Sequence[Schedule] | Mapping[str, Schedule],
+    *,
+    ema_dtype: Any = None,
+    nonfinite: Nonfinite = "skip",
+) -> Ema:
     r"""An exponential moving average of model weights under any schedule.
 
     At update call ``i`` (0-based), the schedule decides whether the EMA moves and
@@ -259,8 +365,15 @@ def ema(schedule: Schedule, *, ema_dtype: Any = None, nonfinite: Nonfinite = "sk
     :mod:`ema_jax.schedules` for pycls's, constant, power and TF warmups, EDM's
     half-life, EDM2's power function and a half-life as a share of training.
 
+    Several averages in one pass: pass a tuple of schedules, or a dict naming them.
+    Every EMA leaf then has a trailing axis, one entry per average; one update reads
+    the parameters once for all of them (``1 + 2K`` parameter-sized streams for K
+    averages instead of ``3K``), and each average is exactly what ``ema(schedule_k)``
+    alone would give. :meth:`Ema.average` picks one out to evaluate with.
+
     Args:
-      schedule: when and how far the EMA moves, from :mod:`ema_jax.schedules`.
+      schedule: when and how far the EMA moves, from :mod:`ema_jax.schedules`; or a
+        tuple of them, or a dict ``{name: schedule}``, for several averages.
       ema_dtype: dtype of the EMA's real floating leaves (e.g. ``jnp.float32`` for
         bf16 parameters; "bf16"-style names work too); None keeps each parameter's.
       nonfinite: what happens where an update's result is NaN or Inf (NaN/Inf
@@ -291,4 +404,9 @@ def ema(schedule: Schedule, *, ema_dtype: Any = None, nonfinite: Nonfinite = "sk
       >>> state.ema["w"]
       Array([0.1, 0.1, 0.1], dtype=float32)
     """
-    return Ema(schedule=schedule, ema_dtype=ema_dtype, nonfinite=nonfinite)
+    names = None
+    if isinstance(schedule, Mapping):
+        names, schedule = tuple(schedule), tuple(schedule.values())
+    elif isinstance(schedule, Sequence):
+        schedule = tuple(schedule)
+    return Ema(schedule=schedule, ema_dtype=ema_dtype, nonfinite=nonfinite, names=names)

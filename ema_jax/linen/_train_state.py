@@ -69,17 +69,25 @@ class EmaTrainState(train_state.TrainState):
 
     @property
     def ema_params(self) -> PyTree:
-        """The EMA of the parameters, shaped like ``params``: evaluate with these."""
-        return self.ema_state.ema["params"]
+        """The EMA of the parameters, shaped like ``params``: evaluate with these.
+
+        With several averages (``ema_jax.ema((s1, s2, ...))``), pick one with
+        :meth:`ema_variables` instead.
+        """
+        return self.ema_variables()["params"]
 
     @property
     def ema_batch_stats(self) -> PyTree:
         """The EMA of the BatchNorm statistics, or None when the model has none."""
-        return self.ema_state.ema.get("batch_stats")
+        return self.ema_variables().get("batch_stats")
 
-    def ema_variables(self) -> dict[str, PyTree]:
-        """``{"params": ema_params, "batch_stats": ema_batch_stats}`` for ``apply_fn``."""
-        return dict(self.ema_state.ema)
+    def ema_variables(self, which: int | str | None = None) -> dict[str, PyTree]:
+        """``{"params": ..., "batch_stats": ...}`` of the EMA, for ``apply_fn``.
+
+        Args:
+          which: with several averages, the one to evaluate (its index or name).
+        """
+        return dict(self.ema.average(self.ema_state.ema, which))
 
     def apply_gradients(
         self, *, grads: PyTree, batch_stats: PyTree = None, **kwargs: Any

@@ -202,10 +202,10 @@ class Ema(nnx.Pytree):
         self.filter = only
         self.step = EmaCount(place(state.step))
         self.nonfinite_updates = EmaCount(place(state.nonfinite_updates))
-        # The model's variable types and metadata (shardings) around the transform's copies.
-        self.params = nnx.data(
-            jax.tree.map(lambda v, x: v.copy(x), selected, state.ema, is_leaf=_is_variable)
-        )
+        # The model's variable types and metadata (shardings) around the transform's copies;
+        # several averages have a trailing axis the metadata does not describe: types only.
+        wrap = (lambda v, x: type(v)(x)) if _several(ema) else (lambda v, x: v.copy(x))
+        self.params = nnx.data(jax.tree.map(wrap, selected, state.ema, is_leaf=_is_variable))
 
     @property
     def ema_state(self) -> EmaState:
@@ -238,8 +238,12 @@ class Ema(nnx.Pytree):
         for variable, value in zip(targets, jax.tree.leaves(state.ema), strict=True):
             variable.set_value(value)
 
-    def apply_to(self, model: M) -> M:
+    def apply_to(self, model: M, which: int | str | None = None) -> M:
         """A view of ``model`` that evaluates with the averages and follows later updates.
+
+        With several averages (``ema_jax.ema((s1, s2, ...))``), ``which`` (an index or
+        a name) picks one, and the view holds a copy of it: call ``apply_to`` again
+        after later updates.
 
         The view holds the EMA's own variables where the EMA has them and ``model``'s
         everywhere else (RNG streams, variables outside ``only``); nothing is copied.
@@ -251,9 +255,13 @@ class Ema(nnx.Pytree):
           ValueError: ``model`` is not shaped like the model the EMA was built from.
         """
         _check_model(model, "Ema.apply_to")
-        self._matching(model, "apply_to")
+        current = self._matching(model, "apply_to")
         graphdef, state = nnx.split(model)
-        return nnx.merge(graphdef, nnx.merge_state(state, self.params))
+        if not _several(self.transform):
+            return nnx.merge(graphdef, nnx.merge_state(state, self.params))
+        chosen = self.transform.average(nnx.as_pure(self.params), which)
+        averages = jax.tree.map(lambda v, x: v.copy(x), current, chosen, is_leaf=_is_variable)
+        return nnx.merge(graphdef, nnx.merge_state(state, averages))
 
     def _matching(self, model: Any, method: str) -> nnx.State:
         """``model``'s averaged variables, after checking they match the EMA's."""
@@ -272,11 +280,8 @@ class Ema(nnx.Pytree):
                 v, where = got[path], f"model{_path(path)}"
                 if type(v) is not type(e):
                     problem = f"{where} is a {type(v).__name__}, the EMA's a {type(e).__name__}"
-                elif jnp.shape(v.get_value()) != jnp.shape(e.get_value()):
-                    problem = (
-                        f"{where} has shape {jnp.shape(v.get_value())}, the EMA's"
-                        f" {jnp.shape(e.get_value())}"
-                    )
+                elif jnp.shape(v.get_value()) != (e_shape := self._shape(e)):
+                    problem = f"{where} has shape {jnp.shape(v.get_value())}, the EMA's {e_shape}"
                 elif _is_float(v) != _is_float(e):
                     problem = (
                         f"{where} has dtype {jnp.result_type(v.get_value())}, the EMA's"
@@ -291,6 +296,15 @@ class Ema(nnx.Pytree):
                 " another model?"
             )
         return current
+
+    def _shape(self, e: nnx.Variable) -> tuple[int, ...]:
+        """An EMA variable's shape without the trailing axis of several averages."""
+        shape = jnp.shape(e.get_value())
+        return shape[:-1] if _several(self.transform) else shape
+
+
+def _several(transform: Any) -> bool:
+    return bool(getattr(transform, "several", False))
 
 
 def _is_float(variable: nnx.Variable) -> bool:

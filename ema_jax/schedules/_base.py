@@ -31,7 +31,8 @@ class Plan(NamedTuple):
     update: bool | jax.Array  # shape=(), bool: does this call change the EMA?
     alpha: float | jax.Array  # shape=(), float32: its step size (1: the parameters)
     copy: bool | jax.Array  # shape=(), bool: the EMA becomes exactly the parameters
-    keep: float | None = None  # the old EMA's weight when it is a constant != 1 - alpha
+    keep: float | jax.Array | None = None  # the old EMA's weight when not 1 - alpha
+    applied: jax.Array | None = None  # several averages: which of them this call updates
 
 
 def real(i: Scalar, xp: Any) -> Any:
