@@ -21,6 +21,7 @@ from models import Mlp
 from models import batches
 from models import make_state
 from models import train_step
+from support import assert_trees_equal
 
 import ema_jax
 
@@ -45,15 +46,6 @@ def train(state: Any, data: list) -> Any:
     for x, y in data:
         state, _ = STEP(state, x, y)
     return state
-
-
-def assert_trees_equal(got: Any, want: Any) -> None:
-    """Same leaves at the same paths, bit for bit (static fields such as ``tx`` aside)."""
-    got, want = (jax.tree_util.tree_flatten_with_path(t)[0] for t in (got, want))
-    assert [path for path, _ in got] == [path for path, _ in want]
-    for (_, a), (_, b) in zip(got, want, strict=True):
-        assert np.asarray(a).dtype == np.asarray(b).dtype
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 @MODELS

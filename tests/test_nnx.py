@@ -23,10 +23,11 @@ from models import NnxNet
 from models import batches
 from models import nnx_setup
 from models import nnx_train_step
-from test_structure import arithmetic
-from test_structure import called
-from test_structure import computations
-from test_structure import is_big
+from support import arithmetic
+from support import assert_trees_equal
+from support import called
+from support import computations
+from support import is_big
 
 import ema_jax
 from ema_jax.nnx import Ema
@@ -38,15 +39,6 @@ NOT_RNG = nnx.Not(nnx.RngState)  # what the default `only` averages or copies
 def host(tree: Any) -> Any:
     """A NumPy copy, safe from donation."""
     return jax.tree.map(np.array, jax.device_get(tree))
-
-
-def assert_trees_equal(got: Any, want: Any) -> None:
-    got_flat = jax.tree_util.tree_flatten_with_path(host(got))[0]
-    want_flat = jax.tree_util.tree_flatten_with_path(host(want))[0]
-    assert [p for p, _ in got_flat] == [p for p, _ in want_flat]
-    for (path, g), (_, w) in zip(got_flat, want_flat, strict=True):
-        assert g.dtype == w.dtype, jax.tree_util.keystr(path)
-        np.testing.assert_array_equal(g, w, err_msg=jax.tree_util.keystr(path))
 
 
 def nnx_jit_runner(model, optimizer, ema, train_step=nnx_train_step):

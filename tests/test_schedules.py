@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from support import fp32_tolerance
+from support import run_every_call
 
 import ema_jax
 from ema_jax import schedules
@@ -28,22 +30,6 @@ from conftest import make_trajectory
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EPS32 = float(np.finfo(np.float32).eps)
 CALLS = 300
-
-
-def run(ema, trajectory):
-    """The jitted, donated EMA after every call, as NumPy trees."""
-    update = jax.jit(ema.update, donate_argnums=1)
-    state = ema.init(jax.tree.map(jnp.asarray, trajectory[0]))
-    out = []
-    for params in trajectory[1:]:
-        state = update(jax.tree.map(jnp.asarray, params), state)
-        out.append(jax.tree.map(np.asarray, state.ema))
-    return out
-
-
-def tolerance(trajectory) -> float:
-    peak = max(float(np.max(np.abs(p["w"]))) for p in trajectory)
-    return 4 * len(trajectory) * EPS32 * max(peak, 1.0)
 
 
 def assert_runs_close(ours, theirs, atol):
@@ -90,9 +76,11 @@ def test_warmup_power_is_timm_and_diffusers_step_for_step(hyper):
         decays(schedule), [anchors.diffusers_decay(i, **diffusers) for i in range(CALLS)]
     )
     trajectory = make_trajectory(CALLS)
-    ours = run(ema_jax.ema(schedule), trajectory)
-    assert_runs_close(ours, anchors.timm_ema(trajectory, **timm), tolerance(trajectory))
-    assert_runs_close(ours, anchors.diffusers_ema(trajectory, **diffusers), tolerance(trajectory))
+    ours = run_every_call(ema_jax.ema(schedule), trajectory)
+    assert_runs_close(ours, anchors.timm_ema(trajectory, **timm), fp32_tolerance(trajectory))
+    assert_runs_close(
+        ours, anchors.diffusers_ema(trajectory, **diffusers), fp32_tolerance(trajectory)
+    )
 
 
 @pytest.mark.parametrize("update_period", [1, 4, 10])
@@ -111,8 +99,10 @@ def test_warmup_power_with_a_period_is_ema_pytorch(update_period):
     expected = [anchors.ema_pytorch_decay(i, **theirs) for i in range(CALLS)]
     assert_decays_equal(decays(schedule), expected)
     trajectory = make_trajectory(CALLS)
-    ours = run(ema_jax.ema(schedule), trajectory)
-    assert_runs_close(ours, anchors.ema_pytorch_ema(trajectory, **theirs), tolerance(trajectory))
+    ours = run_every_call(ema_jax.ema(schedule), trajectory)
+    assert_runs_close(
+        ours, anchors.ema_pytorch_ema(trajectory, **theirs), fp32_tolerance(trajectory)
+    )
 
 
 @pytest.mark.parametrize(
@@ -123,8 +113,8 @@ def test_tf_warmup_is_diffusers_default_step_for_step(hyper):
     expected = [anchors.diffusers_decay(i, **hyper) for i in range(CALLS)]
     assert_decays_equal(decays(schedule), expected)
     trajectory = make_trajectory(CALLS)
-    ours = run(ema_jax.ema(schedule), trajectory)
-    assert_runs_close(ours, anchors.diffusers_ema(trajectory, **hyper), tolerance(trajectory))
+    ours = run_every_call(ema_jax.ema(schedule), trajectory)
+    assert_runs_close(ours, anchors.diffusers_ema(trajectory, **hyper), fp32_tolerance(trajectory))
 
 
 def test_tf_warmup_is_tensorflow_with_num_updates_equal_to_t():
@@ -145,8 +135,8 @@ def test_halflife_is_edm_step_for_step(rampup_ratio):
     expected = [anchors.edm_beta(i, **hyper) for i in range(CALLS)]
     assert_decays_equal(decays(schedule), expected)
     trajectory = make_trajectory(CALLS)
-    ours = run(ema_jax.ema(schedule), trajectory)
-    assert_runs_close(ours, anchors.edm_ema(trajectory, **hyper), tolerance(trajectory))
+    ours = run_every_call(ema_jax.ema(schedule), trajectory)
+    assert_runs_close(ours, anchors.edm_ema(trajectory, **hyper), fp32_tolerance(trajectory))
 
 
 @pytest.mark.parametrize("sigma_rel", [0.05, 0.10])
@@ -157,9 +147,9 @@ def test_power_function_is_edm2_with_period_1(sigma_rel):
     expected = [(1 - 1 / (i + 1)) ** (gamma + 1) for i in range(CALLS)]  # the issue's form
     assert_decays_equal(decays(schedule), expected)
     trajectory = make_trajectory(CALLS)
-    ours = run(ema_jax.ema(schedule), trajectory)
+    ours = run_every_call(ema_jax.ema(schedule), trajectory)
     theirs = anchors.edm2_power_ema(trajectory, gamma=gamma, batch_size=8)
-    assert_runs_close(ours, theirs, tolerance(trajectory))
+    assert_runs_close(ours, theirs, fp32_tolerance(trajectory))
 
 
 @pytest.mark.parametrize("update_period", [3, 10, 32])
@@ -168,13 +158,13 @@ def test_power_function_with_a_period_realises_the_power_profile(update_period):
     # w_j ~ t_j**(gamma+1) - t_{j-1}**(gamma+1) at the update times: dt counts skipped steps.
     schedule = schedules.power_function(sigma_rel=0.05, batch_size=8, update_period=update_period)
     trajectory = make_trajectory(CALLS)
-    final = run(ema_jax.ema(schedule), trajectory)[-1]
+    final = run_every_call(ema_jax.ema(schedule), trajectory)[-1]
     calls = np.arange(0, CALLS, update_period)
     weights = anchors.power_function_weights((calls + 1) * 8.0, schedule.exponent)
     for name in ("w", "b"):
         values = np.stack([trajectory[i + 1][name].astype(np.float64) for i in calls])
         expected = np.tensordot(weights, values, axes=1)
-        np.testing.assert_allclose(final[name], expected, rtol=0, atol=tolerance(trajectory))
+        np.testing.assert_allclose(final[name], expected, rtol=0, atol=fp32_tolerance(trajectory))
 
 
 def test_karras_ema_with_a_period_is_not_the_power_profile_but_ours_is():
@@ -183,7 +173,7 @@ def test_karras_ema_with_a_period_is_not_the_power_profile_but_ours_is():
     k, gamma = 10, anchors.gamma_from_sigma_rel(0.05)
     trajectory = [{"w": np.array([float(i)]), "b": np.array([0.0])} for i in range(CALLS + 1)]
     karras = anchors.karras_ema(trajectory, gamma=gamma, update_every=k)[-1]["w"][0]
-    ours = run(
+    ours = run_every_call(
         ema_jax.ema(schedules.power_function(gamma=gamma, batch_size=1, update_period=k)),
         trajectory,
     )[-1]["w"][0]
@@ -206,7 +196,7 @@ def test_debiased_constant_is_the_zero_started_ema_divided_by_its_bias(update_pe
     decay = 0.9
     trajectory = make_trajectory(60)
     ema = ema_jax.ema(schedules.constant(decay, update_period=update_period, debias=True))
-    ours = run(ema, trajectory)
+    ours = run_every_call(ema, trajectory)
     hidden = {n: np.zeros_like(trajectory[0][n], np.float64) for n in ("w", "b")}
     updates = 0
     for i, params in enumerate(trajectory[1:]):
@@ -216,17 +206,19 @@ def test_debiased_constant_is_the_zero_started_ema_divided_by_its_bias(update_pe
                 hidden[n] = decay * hidden[n] + (1 - decay) * params[n]
         for n in hidden:
             expected = hidden[n] / (1 - decay**updates)
-            np.testing.assert_allclose(ours[i][n], expected, rtol=0, atol=tolerance(trajectory))
+            np.testing.assert_allclose(
+                ours[i][n], expected, rtol=0, atol=fp32_tolerance(trajectory)
+            )
     assert ema.schedule.alpha_at(0) == 1.0  # the first update copies
 
 
 def test_debiased_constant_is_optax_and_haiku():
     trajectory = make_trajectory(CALLS)
-    ours = run(ema_jax.ema(schedules.constant(0.99, debias=True)), trajectory)
+    ours = run_every_call(ema_jax.ema(schedules.constant(0.99, debias=True)), trajectory)
     assert_runs_close(
-        ours, anchors.optax_ema_debiased(trajectory, decay=0.99), tolerance(trajectory)
+        ours, anchors.optax_ema_debiased(trajectory, decay=0.99), fp32_tolerance(trajectory)
     )
-    assert_runs_close(ours, anchors.haiku_ema(trajectory, decay=0.99), tolerance(trajectory))
+    assert_runs_close(ours, anchors.haiku_ema(trajectory, decay=0.99), fp32_tolerance(trajectory))
 
 
 def run_beside_nnx_ema(nonfinite: str) -> tuple[list, list, float]:
@@ -273,9 +265,9 @@ def test_constant_with_the_guard_is_nnx_ema_to_rounding():
 
 def test_constant_matches_optax_incremental_update():
     trajectory = make_trajectory(CALLS)
-    ours = run(ema_jax.ema(schedules.constant(0.98)), trajectory)
+    ours = run_every_call(ema_jax.ema(schedules.constant(0.98)), trajectory)
     theirs = anchors.optax_incremental_update_ema(trajectory, step_size=1 - 0.98)
-    assert_runs_close(ours, theirs, tolerance(trajectory))
+    assert_runs_close(ours, theirs, fp32_tolerance(trajectory))
 
 
 @pytest.mark.parametrize("update_period", [1, 7])
@@ -300,8 +292,10 @@ def test_normalized_ema_is_ema_of_the_pycls_schedule_bit_for_bit():
         steps_per_epoch=3,
     )
     trajectory = make_trajectory(40)
-    a = run(ema_jax.normalized_ema(**hyper), trajectory)
-    b = run(ema_jax.ema(schedules.pycls(**hyper), nonfinite="skip_and_count"), trajectory)
+    a = run_every_call(ema_jax.normalized_ema(**hyper), trajectory)
+    b = run_every_call(
+        ema_jax.ema(schedules.pycls(**hyper), nonfinite="skip_and_count"), trajectory
+    )
     for x, y in zip(a, b, strict=True):
         jax.tree.map(np.testing.assert_array_equal, x, y)
 

@@ -16,6 +16,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from support import run_ema
 
 import ema_jax
 from ema_jax import nnx as ema_nnx
@@ -40,21 +41,13 @@ LERP = {
 }
 
 
-def run(ema, trajectory):
-    update = jax.jit(ema.update, donate_argnums=1)
-    state = ema.init(jax.tree.map(jnp.asarray, trajectory[0]))
-    for params in trajectory[1:]:
-        state = update(jax.tree.map(jnp.asarray, params), state)
-    return state
-
-
 @pytest.mark.parametrize("nonfinite", ["skip", "skip_and_count", "propagate"])
 def test_each_average_is_its_single_ema_bit_for_bit(nonfinite):
     trajectory = make_trajectory(50)
     several = ema_jax.ema(LERP, nonfinite=nonfinite)
-    state = run(several, trajectory)
+    state = run_ema(several, trajectory)
     for k, (name, schedule) in enumerate(LERP.items()):
-        single = run(ema_jax.ema(schedule, nonfinite=nonfinite), trajectory)
+        single = run_ema(ema_jax.ema(schedule, nonfinite=nonfinite), trajectory)
         for chosen in (several.average(state.ema, name), several.average(state.ema, k)):
             jax.tree.map(np.testing.assert_array_equal, chosen, single.ema)
     assert int(state.step) == 50
@@ -63,15 +56,15 @@ def test_each_average_is_its_single_ema_bit_for_bit(nonfinite):
 def test_constant_decays_alone_are_bit_identical_and_beside_lerps_within_an_ulp():
     trajectory = make_trajectory(50)
     constants = {"a": schedules.constant(0.9), "b": schedules.constant(0.99, update_period=2)}
-    singles = {n: run(ema_jax.ema(s), trajectory).ema for n, s in constants.items()}
+    singles = {n: run_ema(ema_jax.ema(s), trajectory).ema for n, s in constants.items()}
     alone = ema_jax.ema(constants)
-    state = run(alone, trajectory)
+    state = run_ema(alone, trajectory)
     for name in constants:
         jax.tree.map(np.testing.assert_array_equal, alone.average(state.ema, name), singles[name])
     # Beside lerp-form averages the select between the two forms changes XLA:CPU's fma
     # contraction of decay * ema + (1 - decay) * p: one ulp per update at most.
     mixed = ema_jax.ema({**constants, **LERP})
-    state = run(mixed, trajectory)
+    state = run_ema(mixed, trajectory)
     peak = max(float(np.max(np.abs(p["w"]))) for p in trajectory)
     bound = 50 * float(np.finfo(np.float32).eps) * peak
     for name in constants:

@@ -8,15 +8,17 @@ proportional to the parameters. benchmarks/bench_ema.py measures what these buy.
 
 from __future__ import annotations
 
-import re
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import pytest
 from flax.training import train_state
+from support import BIG
+from support import arithmetic
+from support import called
+from support import computations
+from support import is_big
 
 import ema_jax
 
@@ -26,7 +28,6 @@ import ema_jax
 # alignment. All scale with the number of leaves and none with the leaves' sizes
 # (test_update_temporaries_do_not_grow_with_the_parameters checks that directly).
 TEMP_BYTES_PER_LEAF = 512
-BIG = 4096  # every floating leaf below has at least this many entries; nothing else does
 
 
 def tree(scale: int = 1, dtype=jnp.float32) -> dict[str, jax.Array]:
@@ -151,54 +152,6 @@ def test_train_step_ema_adds_its_state_and_no_parameter_sized_temporaries(period
 
 
 # ------------------------------------------------------------------ HLO structure
-
-_COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) .*\{$")
-_INSTRUCTION = re.compile(
-    r"^\s+(?:ROOT )?%\S+ = (?P<shape>.*?) (?P<op>[a-z][a-z0-9-]*)\((?P<rest>.*)$"
-)
-_ARRAY = re.compile(r"[a-z0-9]+\[([0-9,]*)\]")
-
-
-def computations(hlo: str) -> tuple[dict[str, list[tuple[str, str, str]]], str]:
-    """Compiled HLO text as {name: [(shape, opcode, rest of line)]}, and the entry's name."""
-    comps: dict[str, list[tuple[str, str, str]]] = {}
-    entry, current = "", None
-    for line in hlo.splitlines():
-        header = _COMPUTATION.match(line)
-        if header:
-            current = comps.setdefault(header.group(1), [])
-            entry = header.group(1) if line.startswith("ENTRY") else entry
-            continue
-        instruction = _INSTRUCTION.match(line)
-        if instruction and current is not None:
-            current.append(instruction.group("shape", "op", "rest"))
-    return comps, entry
-
-
-def is_big(shape: str) -> bool:
-    """Whether any array in ``shape`` (possibly a tuple) has at least BIG entries."""
-    for dims in _ARRAY.findall(shape):
-        sizes = [int(d) for d in dims.split(",") if d]
-        if int(np.prod(sizes)) >= BIG:
-            return True
-    return False
-
-
-def called(rest: str, key: str) -> list[str]:
-    found = re.search(key + r"=\{?([^}]*?)\}?(?:,\s[a-z_]+=|$)", rest)
-    return [] if not found else [n.strip().lstrip("%") for n in found.group(1).split(",")]
-
-
-def arithmetic(comps, name: str) -> set[str]:
-    """Opcodes on big arrays in computation ``name`` and the fusions it calls."""
-    ops = set()
-    for shape, op, rest in comps[name]:
-        if op == "fusion":
-            for sub in called(rest, "calls"):
-                ops |= arithmetic(comps, sub)
-        elif is_big(shape) or (op == "reduce" and is_big(rest)):
-            ops.add(op)
-    return ops - {"parameter", "get-tuple-element", "tuple", "bitcast"}
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

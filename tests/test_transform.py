@@ -9,6 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from support import assert_trees_close
+from support import fp32_tolerance
+from support import run_ema
 
 import ema_jax
 
@@ -16,37 +19,6 @@ import pycls_reference
 from conftest import make_trajectory
 
 EPS32 = float(np.finfo(np.float32).eps)
-
-
-def run_ema(ema: ema_jax.NormalizedEma, trajectory, *, jit: bool = True) -> ema_jax.EmaState:
-    update = jax.jit(ema.update, donate_argnums=1) if jit else ema.update
-    state = ema.init(jax.tree.map(jnp.asarray, trajectory[0]))
-    for params in trajectory[1:]:
-        state = update(jax.tree.map(jnp.asarray, params), state)
-    return state
-
-
-def assert_tree_close(actual, expected, atol: float) -> None:
-    """Leaf by leaf: same keys, shapes and integer values; floats within ``atol``."""
-    assert set(actual) == set(expected)
-    for name in expected:
-        a, e = np.asarray(actual[name]), np.asarray(expected[name])
-        assert a.shape == e.shape, name
-        if np.issubdtype(e.dtype, np.floating):
-            np.testing.assert_allclose(a.astype(np.float64), e, rtol=0, atol=atol, err_msg=name)
-        else:
-            np.testing.assert_array_equal(a, e, err_msg=name)
-
-
-def fp32_tolerance(trajectory) -> float:
-    """Bound on float32 rounding after len(trajectory) steps vs a float64 reference.
-
-    Each update rounds the EMA once or twice (a few ulp of the largest magnitude
-    seen); the contraction (1 - alpha) only damps earlier errors, so after N updates
-    the error is at most about 4 * N * eps32 * max|x|.
-    """
-    peak = max(float(np.max(np.abs(p["w"]))) for p in trajectory)
-    return 4 * len(trajectory) * EPS32 * max(peak, 1.0)
 
 
 @pytest.mark.parametrize(
@@ -150,7 +122,7 @@ def test_matches_pycls_reference_loop(case, rule, jit):
         alpha=None if rule == "linear" else ema.alpha,
         **full,
     )
-    assert_tree_close(state.ema, expected, atol=fp32_tolerance(trajectory))
+    assert_trees_close(state.ema, expected, atol=fp32_tolerance(trajectory))
     assert int(state.step) == steps
 
 
@@ -168,7 +140,7 @@ def test_without_steps_per_epoch_the_cadence_runs_over_the_whole_run():
         update_period=3,
         warmup_epochs=0,
     )
-    assert_tree_close(state.ema, expected, atol=fp32_tolerance(trajectory))
+    assert_trees_close(state.ema, expected, atol=fp32_tolerance(trajectory))
 
 
 def test_cadence_restarts_every_epoch():
@@ -235,7 +207,7 @@ def test_bf16_params_with_fp32_ema():
         warmup_epochs=0,
     )
     # The bf16 inputs are exact in fp32, so only fp32 rounding remains.
-    assert_tree_close(state.ema, expected, atol=fp32_tolerance(as64))
+    assert_trees_close(state.ema, expected, atol=fp32_tolerance(as64))
 
 
 def test_bf16_ema_is_rounded_once_per_update():
