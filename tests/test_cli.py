@@ -142,3 +142,88 @@ def test_readme_shows_the_real_output(capsys):
     assert code == 0
     assert "half-life, share of training" in shown
     assert out == shown, "README.md's explain output is stale: rerun the command"
+
+
+@pytest.mark.parametrize(
+    ("args", "schedule"),
+    [
+        (
+            [
+                "--schedule",
+                "power_function",
+                "--sigma-rel",
+                "0.05",
+                "--batch-size",
+                "256",
+                "--total-steps",
+                "100000",
+            ],
+            ema_jax.schedules.power_function(sigma_rel=0.05, batch_size=256),
+        ),
+        (
+            ["--schedule", "constant", "--decay", "0.999", "--debias", "--update-period", "4"],
+            ema_jax.schedules.constant(0.999, debias=True, update_period=4),
+        ),
+        (
+            [
+                "--schedule",
+                "fraction_of_training",
+                "--halflife-fraction",
+                "0.05",
+                "--total-steps",
+                "20000",
+            ],
+            ema_jax.schedules.fraction_of_training(halflife_fraction=0.05, total_steps=20000),
+        ),
+        (
+            ["--schedule", "warmup_power", "--update-after-step", "10"],
+            ema_jax.schedules.warmup_power(update_after_step=10),
+        ),
+    ],
+)
+def test_explain_reports_any_schedule_as_python_does(capsys, args, schedule):
+    code, out, err = run_in_process(capsys, "explain", *args, "--json")
+    assert code == 0, err
+    # --total-steps goes to explain, or to the schedule when it is the schedule's own.
+    total = args[args.index("--total-steps") + 1] if "--total-steps" in args else None
+    own = hasattr(schedule, "total_steps")
+    expected = ema_jax.explain(schedule, total_steps=None if own or total is None else int(total))
+    assert json.loads(out) == json.loads(json.dumps(expected.to_dict()))
+    code, table, _ = run_in_process(capsys, "explain", *args)
+    assert table == str(expected) + "\n"
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--schedule", "constant"], "the following arguments are required: --decay"),
+        (
+            ["--schedule", "constant", "--decay", "0.9", "--ema-alpha", "1e-3"],
+            "--ema-alpha does not apply to --schedule constant",
+        ),
+        (["--schedule", "constant", "--decay", "1.5"], "decay must be a number in [0, 1), got 1.5"),
+        (
+            ["--schedule", "power_function", "--batch-size", "8"],
+            "power_function needs exactly one of sigma_rel and gamma",
+        ),
+        (["--schedule", "cosine"], "argument --schedule: invalid choice: 'cosine'"),
+        (
+            [
+                "--schedule",
+                "halflife",
+                "--halflife-samples",
+                "100",
+                "--batch-size",
+                "8",
+                "--dataset-size",
+                "100",
+            ],
+            "dataset_size=100 applies to pycls schedules only",
+        ),
+    ],
+)
+def test_bad_schedule_options_give_one_line_and_exit_2(capsys, args, message):
+    code, out, err = run_in_process(capsys, "explain", *args)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and message in err
