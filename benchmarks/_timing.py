@@ -9,9 +9,13 @@ by round ("paired") before the median.
 from __future__ import annotations
 
 import dataclasses
+import os
+import platform
+import re
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -90,3 +94,16 @@ def paired_diff_quartiles(a: Candidate, b: Candidate) -> tuple[float, float]:
     """First and third quartile over rounds of a's time - b's time (ms)."""
     q = statistics.quantiles((x - y for x, y in zip(a.samples, b.samples, strict=True)), n=4)
     return q[0], q[2]
+
+
+def machine_name() -> str:
+    model = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1]
+                break
+    except OSError:
+        pass
+    slug = re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-")
+    return f"cpu-{os.cpu_count()}core-{slug}"

@@ -26,7 +26,6 @@ os.environ["XLA_FLAGS"] = (
 import argparse
 import json
 import platform
-import re
 import statistics
 import sys
 import time
@@ -40,6 +39,7 @@ import numpy as np
 from _profile import conditional_thunks
 from _profile import thunk_times_per_call
 from _timing import Candidate
+from _timing import machine_name
 from _timing import measure
 from _timing import paired_diff
 from _timing import paired_diff_quartiles
@@ -65,19 +65,6 @@ HYPER = dict(ema_alpha=1e-5, batch_size=128, max_epoch=200)
 # per leaf per tuple) and, with the guard, each leaf's count scalar at 64-byte
 # alignment. They scale with the number of leaves, never with their sizes.
 TEMP_BYTES_PER_LEAF = 512
-
-
-def machine_name() -> str:
-    model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1]
-                break
-    except OSError:
-        pass
-    slug = re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-")
-    return f"cpu-{os.cpu_count()}core-{slug}"
 
 
 def ema_update(period: int, guard: bool, **kw: Any) -> tuple[Any, Any]:

@@ -21,7 +21,6 @@ import functools
 import json
 import os
 import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ import jaxlib
 import numpy as np
 import optax
 from _timing import Candidate
+from _timing import machine_name
 from _timing import measure
 from _timing import paired_ratio
 from _timing import paired_ratio_quartiles
@@ -59,19 +59,6 @@ MODELS = {
     # its Python (the same for both EMAs) is most of the time.
     "mlp_0.2M_96_leaves": dict(width=64, depth=48, calls=50),
 }
-
-
-def machine_name() -> str:
-    model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1]
-                break
-    except OSError:
-        pass
-    slug = re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-")
-    return f"cpu-{os.cpu_count()}core-{slug}"
 
 
 def transforms() -> dict[str, tuple[str, Any]]:

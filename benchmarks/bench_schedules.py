@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import jaxlib
 from _timing import Candidate
+from _timing import machine_name
 from _timing import measure
 from _timing import paired_ratio
 from _timing import paired_ratio_quartiles
@@ -35,9 +35,6 @@ from _workloads import param_tree
 
 import ema_jax
 from ema_jax import schedules
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_ema import machine_name
 
 PYCLS = dict(ema_alpha=1e-5, batch_size=128, max_epoch=200, update_period=1)
 

@@ -16,6 +16,7 @@ import ml_dtypes
 
 from ema_jax import _validate
 from ema_jax._report_text import format_report
+from ema_jax._report_text import json_ready
 from ema_jax.schedules import Pycls
 from ema_jax.schedules import Schedule
 from ema_jax.schedules import pycls
@@ -120,13 +121,7 @@ class EmaReport:
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict: infinities and NaN become None."""
-        out: dict[str, Any] = {}
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                value = None
-            out[field.name] = list(value) if isinstance(value, tuple) else value
-        return out
+        return json_ready(self)
 
     def __str__(self) -> str:
         return format_report(self)

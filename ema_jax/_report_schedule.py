@@ -15,6 +15,7 @@ import numpy as np
 
 from ema_jax import _validate
 from ema_jax._report_text import format_schedule_report
+from ema_jax._report_text import json_ready
 from ema_jax.schedules import Constant
 from ema_jax.schedules import Schedule
 
@@ -77,15 +78,7 @@ class ScheduleReport:
 
     def to_dict(self) -> dict[str, Any]:
         """The fields as a JSON-ready dict: infinities and NaN become None."""
-
-        def clean(value: Any) -> Any:
-            if isinstance(value, float) and not math.isfinite(value):
-                return None
-            if isinstance(value, tuple):
-                return [clean(v) for v in value]
-            return value
-
-        return {f.name: clean(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return json_ready(self)
 
     def __str__(self) -> str:
         return format_schedule_report(self)

@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import TYPE_CHECKING
+from typing import Any
 
 if TYPE_CHECKING:
     from ema_jax._report import EmaReport
     from ema_jax._report_schedule import ScheduleReport
+
+
+def json_ready(report: Any) -> dict[str, Any]:
+    """A report dataclass's fields as a JSON-ready dict: tuples become lists, and
+    infinities and NaN None (JSON has neither)."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, tuple):
+            return [clean(v) for v in value]
+        return value
+
+    return {f.name: clean(getattr(report, f.name)) for f in dataclasses.fields(report)}
 
 
 _UNKNOWN = "unknown (needs steps_per_epoch or dataset_size)"

@@ -15,7 +15,7 @@ import ema_jax.nnx
 
 # Warmup of one 3-step epoch, then an update every 2 steps: a few steps cross the
 # warmup boundary, and a resume mid-epoch and mid-cadence shows whether the step survives.
-EMA = ema_jax.normalized_ema(
+PYCLS = dict(
     ema_alpha=1e-2,
     batch_size=4,
     max_epoch=2,
@@ -23,6 +23,7 @@ EMA = ema_jax.normalized_ema(
     warmup_epochs=1,
     steps_per_epoch=3,
 )
+EMA = ema_jax.normalized_ema(**PYCLS)
 
 
 class Mlp(nn.Module):

@@ -26,6 +26,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 from models import EMA
+from models import PYCLS
 from models import Mlp
 from models import batches
 from models import make_state
@@ -232,14 +233,7 @@ def test_an_intact_checkpoint_restores_bit_for_bit_and_silently(copy, caplog):
 
 
 def other_ema(**override: Any) -> ema_jax.NormalizedEma:
-    settings = dict(
-        ema_alpha=1e-2,
-        batch_size=4,
-        max_epoch=2,
-        update_period=2,
-        warmup_epochs=1,
-        steps_per_epoch=3,
-    )
+    settings = dict(PYCLS)
     return ema_jax.normalized_ema(**(settings | override))
 
 

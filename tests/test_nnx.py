@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 from models import EMA
+from models import PYCLS
 from models import NnxNet
 from models import batches
 from models import nnx_setup
@@ -284,12 +285,7 @@ def test_skipped_calls_touch_no_parameter_sized_array():
 
 def test_bf16_model_with_an_fp32_ema():
     ema32 = ema_jax.normalized_ema(
-        ema_alpha=1e-2,
-        batch_size=4,
-        max_epoch=2,
-        update_period=2,
-        warmup_epochs=1,
-        steps_per_epoch=3,
+        **PYCLS,
         ema_dtype=jnp.float32,
     )
     model, optimizer, ema = nnx_setup(ema32, param_dtype=jnp.bfloat16)

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from models import PYCLS
 from support import fp32_tolerance
 from support import run_every_call
 
@@ -283,14 +284,7 @@ def test_fraction_of_training_halves_in_its_share_of_the_run(update_period):
 
 
 def test_normalized_ema_is_ema_of_the_pycls_schedule_bit_for_bit():
-    hyper = dict(
-        ema_alpha=1e-2,
-        batch_size=4,
-        max_epoch=2,
-        update_period=2,
-        warmup_epochs=1,
-        steps_per_epoch=3,
-    )
+    hyper = dict(PYCLS)
     trajectory = make_trajectory(40)
     a = run_every_call(ema_jax.normalized_ema(**hyper), trajectory)
     b = run_every_call(

@@ -16,6 +16,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from models import PYCLS
 from support import run_ema
 
 import ema_jax
@@ -25,14 +26,7 @@ from ema_jax import schedules
 from conftest import make_trajectory
 
 LERP = {
-    "pycls": schedules.pycls(
-        ema_alpha=1e-2,
-        batch_size=4,
-        max_epoch=2,
-        update_period=2,
-        warmup_epochs=1,
-        steps_per_epoch=3,
-    ),
+    "pycls": schedules.pycls(**PYCLS),
     "debiased": schedules.constant(0.8, update_period=3, debias=True),
     "power": schedules.power_function(sigma_rel=0.05, batch_size=4, update_period=4),
     "warmup": schedules.warmup_power(update_after_step=5, update_period=2),
