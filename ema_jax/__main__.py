@@ -65,7 +65,7 @@ def _options() -> dict[str, dict[str, Any]]:
     """Every schedule's hyperparameters: which schedules take each, and whether required."""
     options: dict[str, dict[str, Any]] = {}
     for name, cls in SCHEDULES.items():
-        for field in dataclasses.fields(cls):
+        for field in dataclasses.fields(cls):  # type: ignore[arg-type]  # dataclasses all
             if not field.init:
                 continue
             entry = options.setdefault(field.name, {"schedules": [], "required": []})

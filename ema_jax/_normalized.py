@@ -6,6 +6,7 @@ from typing import Any
 
 from ema_jax import _validate
 from ema_jax._transform import Ema
+from ema_jax._transform import Nonfinite
 from ema_jax._transform import ema
 from ema_jax.schedules import pycls
 from ema_jax.schedules._pycls import Rule
@@ -96,7 +97,7 @@ def normalized_ema(
     )
     _validate.check_bool("skip_nonfinite", skip_nonfinite)
     _validate.check_bool("count_nonfinite", count_nonfinite)
-    nonfinite = "propagate"
+    nonfinite: Nonfinite = "propagate"
     if skip_nonfinite:
         nonfinite = "skip_and_count" if count_nonfinite else "skip"
     return ema(schedule, ema_dtype=ema_dtype, nonfinite=nonfinite)

@@ -65,7 +65,7 @@ class Ema:
 
     def __post_init__(self) -> None:
         several = isinstance(self.schedule, tuple)
-        for s in self.schedule if several else (self.schedule,):
+        for s in self.schedules:
             if not isinstance(s, Schedule):
                 raise TypeError(
                     "schedule must be a schedule from ema_jax.schedules (e.g."
@@ -75,10 +75,11 @@ class Ema:
             raise ValueError("schedule must hold at least one schedule, got ()")
         if self.names is not None:
             names = tuple(self.names)
-            if not several or len(names) != len(self.schedule) or len(set(names)) != len(names):
+            count = len(self.schedules)
+            if not several or len(names) != count or len(set(names)) != len(names):
                 raise ValueError(
                     f"names must be distinct, one per schedule, got {self.names!r} for"
-                    f" {len(self.schedule) if several else 1} schedule(s)"
+                    f" {count} schedule(s)"
                 )
             object.__setattr__(self, "names", names)
         if self.ema_dtype is not None:
@@ -326,12 +327,13 @@ class Ema:
             else:
                 ct = jnp.promote_types(e.dtype, jnp.float32)
                 e_c, p_c = e.astype(ct), jnp.asarray(p, ct)
-                lerp = None if all_kept else e_c + plan.alpha * (p_c - e_c)
                 if plan.keep is None:
-                    blend = lerp
+                    blend = e_c + plan.alpha * (p_c - e_c)
                 else:  # flax nnx.EMA's operation order, bit for bit
-                    kept = plan.keep * e_c + plan.alpha * p_c
-                    blend = kept if lerp is None else jnp.where(jnp.isnan(plan.keep), lerp, kept)
+                    blend = plan.keep * e_c + plan.alpha * p_c
+                    if not all_kept:  # several averages, some blending in the lerp form
+                        lerp = e_c + plan.alpha * (p_c - e_c)
+                        blend = jnp.where(jnp.isnan(plan.keep), lerp, blend)
                 new = blend.astype(e.dtype)
                 if plan.copy is not False:
                     new = jnp.where(plan.copy, copy, new)

@@ -125,7 +125,11 @@ class Schedule:
 
     def settings(self) -> dict[str, Any]:
         """``{"name": ..., <hyperparameters>}``: JSON-ready, stored with checkpoints."""
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        fields = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)  # type: ignore[arg-type]  # subclasses are
+            if f.init
+        }
         return {"name": self.name, **fields}
 
     def steps_in_run(self) -> int | None:
