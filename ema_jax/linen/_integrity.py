@@ -127,7 +127,7 @@ def _crc32(data: np.ndarray) -> str:
     data = np.ascontiguousarray(data)
     if sys.byteorder == "big" and data.dtype.itemsize > 1:
         data = data.byteswap()
-    return f"{zlib.crc32(memoryview(data.reshape(-1).view(np.uint8))):08x}"
+    return f"{zlib.crc32(data.reshape(-1).view(np.uint8).data):08x}"
 
 
 def checksums(tree: PyTree) -> dict[str, dict[str, Any]]:
