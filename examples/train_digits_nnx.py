@@ -4,8 +4,11 @@ The NNX twin of ``train_digits.py``: the same data, recipe, table and plot, with
 ``ema_jax.nnx.Ema`` in the place of ``nnx.EMA``. Each epoch evaluates the raw and the
 EMA weights on a held-out split and checkpoints model, optimizer and EMA with orbax
 into ``--workdir``; run it again and it resumes (or, when the run is complete, just
-prints the results). At the end it prints a table of raw vs EMA test accuracy and
-writes ``curves.png`` into the workdir.
+prints the results). Like pycls (``BN.USE_PRECISE_STATS``), after every epoch it
+recomputes the BatchNorm statistics of the raw and of the EMA weights on training
+batches (``--no-precise-bn`` turns that off). At the end it prints a table of test
+accuracy: raw weights, EMA weights with their averaged BatchNorm statistics, EMA
+weights with precise ones; and writes ``curves.png`` into the workdir.
 
 Run: python examples/train_digits_nnx.py [--workdir workdir/digits_nnx] [--epochs 20]
 """
@@ -31,8 +34,19 @@ from tqdm import tqdm
 import ema_jax
 from ema_jax import nnx as ema_nnx
 
+NUM_SAMPLES_PRECISE = 8192  # pycls's BN.NUM_SAMPLES_PRECISE, precise_batch_stats' default
+
 # The settings a checkpoint belongs to: resuming with other values would mix two runs.
-RUN_SETTINGS = ("epochs", "batch_size", "lr", "ema_alpha", "update_period", "seed", "quick")
+RUN_SETTINGS = (
+    "epochs",
+    "batch_size",
+    "lr",
+    "ema_alpha",
+    "update_period",
+    "seed",
+    "quick",
+    "no_precise_bn",
+)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -48,6 +62,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     # pycls's default 32 suits epochs of hundreds of steps; an epoch here has 42.
     parser.add_argument("--update-period", type=int, default=4, help="pycls's EMA_UPDATE_PERIOD")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--no-precise-bn",
+        action="store_true",
+        help="keep the running/averaged BatchNorm statistics (pycls recomputes them every epoch)",
+    )
     parser.add_argument("--quick", action="store_true", help="2 short epochs on 256 images (tests)")
     parser.add_argument("--no-plot", action="store_true", help="do not write curves.png")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -128,7 +147,23 @@ def evaluate(raw: Cnn, averaged: Cnn, x: jax.Array, y: jax.Array) -> jax.Array:
     return jnp.stack([jnp.mean(jnp.argmax(m(x), -1) == y) for m in (raw, averaged)])
 
 
-def print_table(history: list[dict[str, float]]) -> None:
+def print_table(history: list[dict[str, float]], precise_bn: bool) -> None:
+    if precise_bn:
+        print(
+            "Test accuracy. raw: raw weights, precise BN statistics; EMA: EMA weights, their"
+            " averaged BN statistics; EMA pBN: EMA weights, precise BN statistics"
+        )
+        print(f"{'epoch':>5}  {'raw acc':>7}  {'EMA acc':>7}  {'EMA pBN acc':>11}")
+        for row in history:
+            print(
+                f"{row['epoch']:>5d}  {row['accuracy']:>7.4f}  {row['ema_accuracy']:>7.4f}"
+                f"  {row['ema_precise_accuracy']:>11.4f}"
+            )
+        return
+    print(
+        "Test accuracy. raw: raw weights, running BN statistics; EMA: EMA weights, their"
+        " averaged BN statistics"
+    )
     print(f"{'epoch':>5}  {'raw acc':>7}  {'EMA acc':>7}")
     for row in history:
         print(f"{row['epoch']:>5d}  {row['accuracy']:>7.4f}  {row['ema_accuracy']:>7.4f}")
@@ -149,7 +184,11 @@ def plot(history: list[dict[str, float]], path: str) -> None:
     epochs = [row["epoch"] for row in history]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(epochs, [100 * row["accuracy"] for row in history], ".-", label="raw weights")
-    ax.plot(epochs, [100 * row["ema_accuracy"] for row in history], ".-", label="EMA weights")
+    ema_label = "EMA weights, averaged BN statistics"
+    ax.plot(epochs, [100 * row["ema_accuracy"] for row in history], ".-", label=ema_label)
+    if "ema_precise_accuracy" in history[0]:
+        precise = [100 * row["ema_precise_accuracy"] for row in history]
+        ax.plot(epochs, precise, ".-", label="EMA weights, precise BN statistics")
     ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="Digits (NNX): raw vs EMA weights")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
@@ -175,6 +214,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f" {transform.update_period} steps"
     )
     print(transform.explain())  # what these EMA settings mean: half-life, warnings
+    precise_bn = not args.no_precise_bn
+    if precise_bn:
+        batches = min(NUM_SAMPLES_PRECISE // args.batch_size, steps_per_epoch)
+        print(f"Precise BN statistics after every epoch, from {batches} training batches")
 
     workdir = os.path.abspath(args.workdir)
     history: list[dict[str, float]] = []
@@ -222,6 +265,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             accuracies = evaluate(raw_eval, ema_eval, x_eval, y_eval)
             accuracy, ema_accuracy = (float(a) for a in accuracies)
             row = {"epoch": epoch + 1, "accuracy": accuracy, "ema_accuracy": ema_accuracy}
+            if precise_bn:  # pycls's end of epoch, on this epoch's training batches
+                ema_nnx.recompute_batch_stats(
+                    model,
+                    ema,
+                    (
+                        x_train[order[i * args.batch_size : (i + 1) * args.batch_size]]
+                        for i in range(steps_per_epoch)
+                    ),
+                    num_samples=NUM_SAMPLES_PRECISE,
+                )
+                accuracies = evaluate(raw_eval, ema_eval, x_eval, y_eval)  # the views follow
+                accuracy, ema_precise = (float(a) for a in accuracies)
+                row |= {"accuracy": accuracy, "ema_precise_accuracy": ema_precise}
             history.append(row)
             bar.set_postfix(epoch=epoch + 1, raw=f"{accuracy:.3f}", ema=f"{ema_accuracy:.3f}")
             step = int(optimizer.step[...])
@@ -231,18 +287,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             manager.save(step, args=ocp.args.StandardSave(everything, custom_metadata=meta))
         bar.close()
 
-    print_table(history)
-    best_rows = {"raw": best_row(history, "accuracy"), "ema": best_row(history, "ema_accuracy")}
+    print_table(history, precise_bn)
+    ema_metric = "ema_precise_accuracy" if precise_bn else "ema_accuracy"
+    best_rows = {"raw": best_row(history, "accuracy"), "ema": best_row(history, ema_metric)}
     raw, ema_row = best_rows["raw"], best_rows["ema"]
     print(f"best raw: {raw['accuracy']:.4f} (epoch {raw['epoch']})")
-    print(f"best EMA: {ema_row['ema_accuracy']:.4f} (epoch {ema_row['epoch']})")
+    which = " (precise BN statistics)" if precise_bn else ""
+    print(f"best EMA{which}: {ema_row[ema_metric]:.4f} (epoch {ema_row['epoch']})")
     nonfinite = int(ema.ema_state.nonfinite_updates)
     print(f"EMA updates skipped for NaN/Inf weights: {nonfinite}")
     if not args.no_plot:
         plot(history, os.path.join(workdir, "curves.png"))
         print(f"wrote {os.path.join(workdir, 'curves.png')}")
     return {
-        "history": history,  # one row per epoch: epoch, accuracy, ema_accuracy
+        # One row per epoch: epoch, accuracy, ema_accuracy (averaged BN statistics)
+        # and, with precise BN, ema_precise_accuracy.
+        "history": history,
         "best": best_rows,  # {"raw": row, "ema": row}: the best epochs by each metric
         "trained_epochs": args.epochs - min(start, args.epochs),  # by this call
         "nonfinite_updates": nonfinite,

@@ -127,3 +127,34 @@ def arithmetic(comps, name: str) -> set[str]:
         elif is_big(shape) or (op == "reduce" and is_big(rest)):
             ops.add(op)
     return ops - {"parameter", "get-tuple-element", "tuple", "bitcast"}
+
+
+# --- float error bounds for a linear model (gradient accumulation tests) ---------------
+
+U32 = 2.0**-24  # float32 unit roundoff
+
+
+def linear_gradient_error(x: np.ndarray, y: np.ndarray, kernel: Any, bias: Any) -> float:
+    """Bound on the float32 error of the mean-squared-error gradient of ``x @ W + b``.
+
+    With ``X~ = [x, 1]`` and the residual ``R = x W + b - y`` (at most ``d + 2``
+    roundings per entry, d inputs), the gradient is ``2 / (o m) X~^T R`` for m rows
+    and o outputs; its sum over m rows adds ``(m + 1) u`` relative to ``|X~|^T |R|``
+    (Higham's gamma bound), and the residual's error is carried through ``|X~|^T``.
+    """
+    m, d = x.shape
+    w, b = np.asarray(kernel, np.float64), np.asarray(bias, np.float64)
+    outputs = w.shape[1]
+    xt = np.concatenate([x, np.ones((m, 1))], axis=1).astype(np.float64)
+    r = np.abs(x @ w + b - y)
+    r_err = (d + 2) * U32 * (np.abs(x) @ np.abs(w) + np.abs(b) + np.abs(y))
+    total = (m + 1) * U32 * np.abs(xt).T @ r + np.abs(xt).T @ r_err
+    return float((2 / (outputs * m) * total).max())
+
+
+def max_abs(tree: Any) -> float:
+    return max(float(np.abs(np.asarray(a, np.float64)).max()) for a in jax.tree.leaves(tree))
+
+
+def max_abs_diff(a: Any, b: Any) -> float:
+    return max_abs(jax.tree.map(lambda u, v: np.asarray(u, np.float64) - v, a, b))

@@ -25,8 +25,12 @@ def test_example_trains_resumes_and_reports(train_digits_nnx, tmp_path, capsys):
     out = capsys.readouterr().out
     assert first["trained_epochs"] == 2
     assert [row["epoch"] for row in first["history"]] == [1, 2]
-    assert all(0 <= row[k] <= 1 for row in first["history"] for k in ("accuracy", "ema_accuracy"))
-    assert "epoch  raw acc  EMA acc" in out and "best EMA:" in out
+    keys = ("accuracy", "ema_accuracy", "ema_precise_accuracy")  # precise BN by default
+    assert all(0 <= row[k] <= 1 for row in first["history"] for k in keys)
+    assert "Precise BN statistics after every epoch, from 8 training batches" in out
+    assert "EMA pBN: EMA weights, precise BN statistics" in out
+    assert "epoch  raw acc  EMA acc  EMA pBN acc" in out
+    assert "best EMA (precise BN statistics):" in out
     assert first["nonfinite_updates"] == 0
     assert (tmp_path / "curves.png").stat().st_size > 0
 
@@ -49,3 +53,14 @@ def test_example_trains_resumes_and_reports(train_digits_nnx, tmp_path, capsys):
     # Other settings in the same workdir would mix two runs.
     with pytest.raises(SystemExit, match="holds a run with other settings"):
         train_digits_nnx.main([*argv, "--seed", "1"])
+    with pytest.raises(SystemExit, match="holds a run with other settings"):
+        train_digits_nnx.main([*argv, "--no-precise-bn"])
+
+
+def test_example_without_precise_batch_norm(train_digits_nnx, tmp_path, capsys):
+    argv = ["--quick", "--no-progress", "--no-plot", "--no-precise-bn", "--workdir", str(tmp_path)]
+    result = train_digits_nnx.main(argv)
+    out = capsys.readouterr().out
+    assert "Precise BN" not in out and "pBN" not in out
+    assert "epoch  raw acc  EMA acc\n" in out and "best EMA: " in out
+    assert all("ema_precise_accuracy" not in row for row in result["history"])

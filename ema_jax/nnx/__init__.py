@@ -2,8 +2,12 @@
 
 from ema_jax.nnx._ema import Ema
 from ema_jax.nnx._ema import EmaCount
+from ema_jax.nnx._precise_bn import precise_batch_stats
+from ema_jax.nnx._precise_bn import recompute_batch_stats
 
 __all__ = [
     "Ema",
     "EmaCount",
+    "precise_batch_stats",
+    "recompute_batch_stats",
 ]

@@ -17,6 +17,7 @@ from flax.nnx import filterlib
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 
+from ema_jax import _accumulation
 from ema_jax._transform import EmaState
 
 M = TypeVar("M")
@@ -216,7 +217,7 @@ class Ema(nnx.Pytree):
             nonfinite_updates=self.nonfinite_updates.get_value(),
         )
 
-    def update(self, model: Any) -> None:
+    def update(self, model: Any, *, optimizer: Any = None, applied: Any = None) -> None:
         """Folds ``model``'s variables into the EMA; call right after the optimizer step.
 
         Inside ``nnx.jit`` with the EMA donated (with the model and optimizer, as a
@@ -224,14 +225,61 @@ class Ema(nnx.Pytree):
         copies those not donated), its buffers are written in place; one compilation
         serves the whole run, and calls the schedule skips cost next to nothing.
 
+        Gradient accumulation: with ``optax.MultiSteps(opt, every_k_schedule=k)`` the
+        weights change on every k-th call only. Pass ``optimizer=optimizer`` (the
+        ``nnx.Optimizer``, after its ``update``) and the EMA, its ``step`` included, is
+        left unchanged on the calls where it did not apply (a ``lax.cond`` on the
+        optimizer's state, no host sync), so that the EMA's cadence and warmup count
+        optimizer steps: build it with ``batch_size`` the global batch of one
+        optimizer step and ``steps_per_epoch`` in optimizer steps. A mini-step that
+        ``should_skip_update_fn`` rejected does not count either (optax's
+        ``skip_not_finite`` and ``skip_large_updates`` report it). Without a
+        ``MultiSteps`` in the optimizer, every call updates.
+
+        Args:
+          model: the model, after the optimizer step.
+          optimizer: the ``nnx.Optimizer`` (anything with ``opt_state``) whose update
+            this follows, to update only when it applied; optional.
+          applied: instead of ``optimizer``, whether the weights changed: a Python
+            bool or a bool scalar array (traced is fine); None: always.
+
         Raises:
-          TypeError: ``model`` is no NNX object.
+          TypeError: ``model`` is no NNX object, ``optimizer`` has no ``opt_state``,
+            ``applied`` is no bool scalar, or both are given.
           ValueError: ``model``'s variables do not match the EMA's (the first
-            differing path is named), before any tracing.
+            differing path is named), before any tracing; ``optimizer`` holds several
+            ``optax.MultiStepsState`` or one whose skip state hides rejections.
+
+        Example:
+          >>> import jax.numpy as jnp, optax
+          >>> from flax import nnx
+          >>> import ema_jax
+          >>> from ema_jax import nnx as ema_nnx
+          >>> model = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+          >>> tx = optax.MultiSteps(optax.sgd(0.1), every_k_schedule=4)  # 4 micro-batches
+          >>> optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+          >>> ema = ema_nnx.Ema(model, ema_jax.normalized_ema(
+          ...     ema_alpha=1e-3, batch_size=32, max_epoch=10, update_period=1))
+          >>> @nnx.jit(donate_argnums=(0, 1, 2))
+          ... def train_step(model, optimizer, ema, x, y):
+          ...     grads = nnx.grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+          ...     optimizer.update(model, grads)
+          ...     ema.update(model, optimizer=optimizer)  # only when the weights changed
+          >>> for _ in range(8):
+          ...     train_step(model, optimizer, ema, jnp.ones((8, 2)), jnp.ones((8, 2)))
+          >>> int(optimizer.step[...]), int(ema.ema_state.step)
+          (8, 2)
         """
         _check_model(model, "Ema.update")
         current = self._matching(model, "update")
-        state = self.transform.update(nnx.as_pure(current), self.ema_state)
+        applied = _applied(optimizer, applied)
+        if applied is False:
+            return
+        params = nnx.as_pure(current)
+        if applied is True:
+            state = self.transform.update(params, self.ema_state)
+        else:
+            state = jax.lax.cond(applied, self.transform.update, _unchanged, params, self.ema_state)
         self.step.set_value(state.step)
         self.nonfinite_updates.set_value(state.nonfinite_updates)
         targets = jax.tree.leaves(self.params, is_leaf=_is_variable)
@@ -301,6 +349,41 @@ class Ema(nnx.Pytree):
         """An EMA variable's shape without the trailing axis of several averages."""
         shape = jnp.shape(e.get_value())
         return shape[:-1] if _several(self.transform) else shape
+
+
+def _unchanged(params: Any, state: EmaState) -> EmaState:
+    del params
+    return state
+
+
+def _applied(optimizer: Any, applied: Any) -> Any:
+    """``Ema.update``'s ``applied``: True, False, or a traced bool scalar."""
+    if optimizer is not None:
+        if applied is not None:
+            raise TypeError(
+                "Ema.update takes optimizer= or applied=, not both: the optimizer's state"
+                " already says whether it applied"
+            )
+        opt_state = getattr(optimizer, "opt_state", None)
+        if opt_state is None:
+            raise TypeError(
+                "Ema.update: optimizer must be the nnx.Optimizer whose update this follows"
+                f" (with an opt_state), got {_describe(optimizer)}"
+            )
+        multi = _accumulation.multi_steps_state(nnx.as_pure(opt_state), "Ema.update")
+        return True if multi is None else _accumulation.applied_after(multi, "Ema.update")
+    if applied is None or isinstance(applied, bool):
+        return applied is not False
+    try:
+        ok = jnp.shape(applied) == () and jnp.result_type(applied) == jnp.bool_
+    except TypeError:
+        ok = False
+    if not ok:
+        raise TypeError(
+            "Ema.update: applied must be a bool or a bool scalar array (whether the"
+            f" optimizer changed the weights), got {_describe(applied)}"
+        )
+    return applied
 
 
 def _several(transform: Any) -> bool:
