@@ -16,6 +16,9 @@ from models import Mlp
 from models import batches
 from models import make_state
 from models import train_step
+from support import linear_gradient_error
+from support import max_abs
+from support import max_abs_diff
 
 import ema_jax
 
@@ -129,28 +132,7 @@ def accumulation_data() -> tuple[np.ndarray, np.ndarray]:
 
 
 def gradient_error(x: np.ndarray, y: np.ndarray, params: dict) -> float:
-    """Bound on the float32 error of the mean-squared-error gradient of ``x @ W + b``.
-
-    With ``X~ = [x, 1]`` and the residual ``R = x W + b - y`` (computed with at most
-    ``d + 2`` roundings per entry, d = 5 inputs), the gradient is
-    ``2 / (3 m) X~^T R`` for m rows; its sum over m rows adds ``(m + 1) u`` relative
-    to ``|X~|^T |R|`` (Higham's gamma bound), and the residual's error is carried
-    through ``|X~|^T``.
-    """
-    m = x.shape[0]
-    w, b = (np.asarray(params["kernel"], np.float64), np.asarray(params["bias"], np.float64))
-    xt = np.concatenate([x, np.ones((m, 1))], axis=1).astype(np.float64)
-    r = np.abs(x @ w + b - y)
-    r_err = (x.shape[1] + 2) * U * (np.abs(x) @ np.abs(w) + np.abs(b) + np.abs(y))
-    return float((2 / (3 * m) * ((m + 1) * U * np.abs(xt).T @ r + np.abs(xt).T @ r_err)).max())
-
-
-def max_abs(tree) -> float:
-    return max(float(np.abs(np.asarray(a, np.float64)).max()) for a in jax.tree.leaves(tree))
-
-
-def max_abs_diff(a, b) -> float:
-    return max_abs(jax.tree.map(lambda u, v: np.asarray(u, np.float64) - v, a, b))
+    return linear_gradient_error(x, y, params["kernel"], params["bias"])
 
 
 def test_gradient_accumulation_updates_the_ema_per_optimizer_step():

@@ -12,6 +12,7 @@ import optax
 from flax import struct
 from flax.training import train_state
 
+from ema_jax import _accumulation
 from ema_jax._batch_stats import NUM_SAMPLES
 from ema_jax._transform import Ema
 from ema_jax._transform import EmaState
@@ -251,30 +252,15 @@ def _variables(params: PyTree, batch_stats: PyTree) -> dict[str, PyTree]:
 def _optimizer_applied(before: PyTree, after: PyTree) -> jax.Array | None:
     """Whether the optimizer applied an update (a traced bool), or None if it always does.
 
-    None unless ``opt_state`` holds an ``optax.MultiStepsState``. ``MultiSteps``
-    bumps ``gradient_step`` exactly when it applies (and resets ``mini_step`` to 0);
-    a mini-step rejected by ``should_skip_update_fn`` changes neither. The reset
-    covers ``gradient_step`` saturating at ``2**31 - 1`` when ``k > 1``.
+    None unless ``opt_state`` holds an ``optax.MultiStepsState``; then the rule of
+    :func:`ema_jax._accumulation.applied_between`.
     """
-    found = _multi_steps_states(before)
-    if not found:
+    old = _accumulation.multi_steps_state(before, "EmaTrainState")
+    if old is None:
         return None
-    if len(found) > 1:
-        raise ValueError(
-            f"opt_state holds {len(found)} optax.MultiStepsState: EmaTrainState cannot tell"
-            " which one decides when the weights change; wrap the whole optimizer in one"
-            " optax.MultiSteps"
-        )
-    (old,), (new,) = found, _multi_steps_states(after)
-    reset = (new.mini_step == 0) & (old.mini_step != 0)
-    return (new.gradient_step != old.gradient_step) | reset
-
-
-def _multi_steps_states(opt_state: PyTree) -> list[optax.MultiStepsState]:
-    def is_multi(x: Any) -> bool:
-        return isinstance(x, optax.MultiStepsState)
-
-    return [x for x in jax.tree.leaves(opt_state, is_leaf=is_multi) if is_multi(x)]
+    new = _accumulation.multi_steps_state(after, "EmaTrainState")
+    assert new is not None  # the optimizer keeps its state's structure
+    return _accumulation.applied_between(old, new)
 
 
 def _describe(tree: PyTree) -> str:
