@@ -400,3 +400,20 @@ def test_bad_saves_are_named(tmp_path):
         pytest.raises(ValueError, match=r"\['w'\] beyond float16's range"),
     ):
         snapshots.save(state, ema=mixed)
+
+
+@pytest.mark.bad_input
+def test_a_damaged_snapshot_is_a_corrupt_checkpoint_error(tmp_path):
+    trajectory = random_walk(20, size=4096)  # large enough for a data file of its own
+    run_with_snapshots(trajectory, tmp_path, update_period=1, snapshot_every=10)
+    path = max(
+        (p for p in (tmp_path / "20").rglob("*") if p.parent.name == "d"),
+        key=lambda p: p.stat().st_size,
+    )
+    data = bytearray(path.read_bytes())
+    middle = slice(len(data) // 2 - 32, len(data) // 2 + 32)
+    data[middle] = bytes(b ^ 0xFF for b in data[middle])
+    path.write_bytes(bytes(data))
+    posthoc.reconstruct(tmp_path, 0.07, step=10)  # the intact step still reconstructs
+    with pytest.raises(ema_jax.CorruptCheckpointError, match="snapshot step 20 in"):
+        posthoc.reconstruct(tmp_path, 0.07)

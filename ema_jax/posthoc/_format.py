@@ -98,7 +98,9 @@ def open_manager(directory: str | os.PathLike[str]) -> ocp.CheckpointManager:
     return manager
 
 
-def read_snapshot(manager: ocp.CheckpointManager, step: int) -> tuple[SnapshotInfo, Any, dict]:
+def read_snapshot(
+    manager: ocp.CheckpointManager, step: int
+) -> tuple[SnapshotInfo, Mapping[str, Any], dict[str, Any]]:
     """A snapshot's :class:`SnapshotInfo`, its tree metadata and ema_jax's record.
 
     Reads orbax directly rather than through ``linen._checkpoint.read_metadata``, whose
@@ -118,7 +120,7 @@ def read_snapshot(manager: ocp.CheckpointManager, step: int) -> tuple[SnapshotIn
     tree = getattr(metadata, "tree", None)
     record = read_record(metadata, where, step, manager.directory)
     entry = None if record is None else record.get(POSTHOC_KEY)
-    if not isinstance(entry, Mapping):
+    if record is None or not isinstance(entry, Mapping):
         raise SnapshotNotFoundError(
             f"{where} is not a post-hoc snapshot (no {RECORD_KEY}.{POSTHOC_KEY} record):"
             " pass the directory that posthoc.Snapshots writes"

@@ -7,10 +7,10 @@ Algorithm 3), written from the paper's equations.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from ema_jax import _validate
 from ema_jax.schedules import _edm
@@ -36,7 +36,9 @@ class Solution(NamedTuple):
     rank: int
 
 
-def profile_inner(t_a: object, gamma_a: object, t_b: object, gamma_b: object) -> np.ndarray:
+def profile_inner(
+    t_a: ArrayLike, gamma_a: ArrayLike, t_b: ArrayLike, gamma_b: ArrayLike
+) -> np.ndarray:
     r"""The L2 inner product of two power-function profiles, elementwise (broadcasting).
 
     The profile of an EMA of exponent :math:`\gamma` read at time :math:`t` (samples
@@ -59,7 +61,7 @@ def profile_inner(t_a: object, gamma_a: object, t_b: object, gamma_b: object) ->
     return numerator / ((gamma_a + gamma_b + 1.0) * np.maximum(t_a, t_b))
 
 
-def _check_profiles(times: Sequence[float], gammas: Sequence[float]) -> tuple[np.ndarray, ...]:
+def _check_profiles(times: ArrayLike, gammas: ArrayLike) -> tuple[np.ndarray, ...]:
     t = np.asarray(times, np.float64).reshape(-1)
     g = np.asarray(gammas, np.float64).reshape(-1)
     if t.size == 0 or t.shape != g.shape:
@@ -75,8 +77,8 @@ def _check_profiles(times: Sequence[float], gammas: Sequence[float]) -> tuple[np
 
 
 def solve(
-    times: Sequence[float],
-    gammas: Sequence[float],
+    times: ArrayLike,
+    gammas: ArrayLike,
     *,
     time: float,
     gamma: float,

@@ -7,6 +7,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 from typing import NamedTuple
+from typing import overload
 
 import jax
 import jax.numpy as jnp
@@ -109,6 +110,18 @@ def _solve(infos: list[SnapshotInfo], sigma_rel: float) -> Coefficients:
         cond=solution.cond,
         rank=solution.rank,
     )
+
+
+@overload
+def coefficients(
+    directory: str | os.PathLike[str], sigma_rel: float, *, step: int | None = None
+) -> Coefficients: ...
+
+
+@overload
+def coefficients(
+    directory: str | os.PathLike[str], sigma_rel: Sequence[float], *, step: int | None = None
+) -> list[Coefficients]: ...
 
 
 def coefficients(

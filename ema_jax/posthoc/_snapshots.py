@@ -176,10 +176,10 @@ class Snapshots:
                 " int(state.ema_state.step), the optimizer steps (not state.step under"
                 " optax.MultiSteps)"
             )
-        indices = tuple(k for _, k in picked)
+        indices = tuple(k for _, k, _ in picked)
         dtype = None if self.dtype is None else self.dtype.name
         extracted, beyond = _extract(ema_state.ema, ema=ema, indices=indices, dtype=dtype)
-        averages = dict(zip((name for name, _ in picked), extracted, strict=True))
+        averages = dict(zip((name for name, _, _ in picked), extracted, strict=True))
         which = indices[0] if ema.several else None
         fingerprint, leaves = describe_leaves(  # in the EMA's own dtypes
             jax.eval_shape(lambda tree: ema.average(tree, which), ema_state.ema)
@@ -196,20 +196,19 @@ class Snapshots:
                 " snapshots.discard_after(<the restored step>)"
             )
         item = {"averages": averages}
-        schedules = ema.schedules
         entry = {
             "format": FORMAT,
             "step": step,
             "averages": [
                 {
                     "name": name,
-                    "gamma": float(schedules[k].exponent),
-                    "sigma_rel": float(schedules[k].relative_width),
-                    "time": last_update_time(schedules[k], step),
-                    "batch_size": float(schedules[k].batch_size),
-                    "update_period": int(schedules[k].update_period),
+                    "gamma": float(schedule.exponent),
+                    "sigma_rel": float(schedule.relative_width),
+                    "time": last_update_time(schedule, step),
+                    "batch_size": float(schedule.batch_size),
+                    "update_period": int(schedule.update_period),
                 }
-                for name, k in picked
+                for name, _, schedule in picked
             ],
             "dtype": None if self.dtype is None else self.dtype.name,
             "fingerprint": fingerprint,
@@ -223,8 +222,8 @@ class Snapshots:
         self._saved = step
         return True
 
-    def _picked(self, ema: Ema) -> list[tuple[str, int]]:
-        """``(name, index)`` of the averages to save; each must be a power function."""
+    def _picked(self, ema: Ema) -> list[tuple[str, int, PowerFunction]]:
+        """``(name, index, schedule)`` of the averages to save: power functions only."""
         count = len(ema.schedules)
         if self.which is None:
             indices = list(range(count))
@@ -241,11 +240,13 @@ class Snapshots:
                     f"average {name!r} has a {schedule.name} schedule: post-hoc snapshots"
                     " need schedules.power_function averages (pick them with which=)"
                 )
-            picked.append((name, k))
+            picked.append((name, k, schedule))
         return picked
 
     def _check_range(self, averages: dict[str, PyTree], beyond: tuple[PyTree, ...]) -> None:
         """Refuses averages with values beyond the storage dtype's range."""
+        if self.dtype is None:
+            return
         for (name, variables), flags in zip(averages.items(), beyond, strict=True):
             paths = jax.tree_util.tree_flatten_with_path(variables)[0]
             for (path, _), flag in zip(paths, jax.tree.leaves(flags), strict=True):
