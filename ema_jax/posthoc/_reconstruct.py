@@ -146,6 +146,21 @@ def coefficients(
       ValueError: ``sigma_rel`` out of range.
       SnapshotNotFoundError: no snapshots in ``directory``, or none at ``step``.
       SnapshotMismatchError: snapshots of different models in ``directory``.
+
+    Example:
+      >>> import tempfile
+      >>> import jax.numpy as jnp
+      >>> from ema_jax import posthoc
+      >>> ema = posthoc.trackers((0.05, 0.10), batch_size=8)
+      >>> state = ema.init({"w": jnp.zeros(2)})
+      >>> with tempfile.TemporaryDirectory() as workdir:
+      ...     with posthoc.Snapshots(workdir, snapshot_every=10) as snapshots:
+      ...         for step in range(1, 31):
+      ...             state = ema.update({"w": jnp.full(2, float(step))}, state)
+      ...             _ = snapshots.save(state, ema=ema, step=step)
+      ...     c = posthoc.coefficients(workdir, 0.07)
+      >>> c.step, c.time, c.sources[-1], round(float(c.weights.sum()), 12)
+      (30, 240.0, (30, '0.1'), 1.0)
     """
     targets, single = _sigma_rels(sigma_rel)
     manager = open_manager(directory)
@@ -208,6 +223,21 @@ def reconstruct(
       SnapshotNotFoundError: no snapshots in ``directory``, or none at ``step``.
       SnapshotMismatchError: snapshots of different models, or not of ``like``'s.
       CorruptCheckpointError: a snapshot fails its checksums or cannot be read.
+
+    Example:
+      >>> import tempfile
+      >>> import jax.numpy as jnp
+      >>> from ema_jax import posthoc
+      >>> ema = posthoc.trackers((0.05, 0.10), batch_size=8)
+      >>> state = ema.init({"w": jnp.zeros(2)})
+      >>> with tempfile.TemporaryDirectory() as workdir:
+      ...     with posthoc.Snapshots(workdir, snapshot_every=10) as snapshots:
+      ...         for step in range(1, 31):
+      ...             state = ema.update({"w": jnp.full(2, 1.0)}, state)
+      ...             _ = snapshots.save(state, ema=ema, step=step)
+      ...     narrow, wide = posthoc.reconstruct(workdir, [0.02, 0.2], step=20)
+      >>> narrow["w"].round(4), wide["w"].dtype  # the average of constant weights
+      (array([1., 1.], dtype=float32), dtype('float32'))
     """
     targets, single = _sigma_rels(sigma_rel)
     manager = open_manager(directory)
