@@ -1,5 +1,6 @@
 """ema_jax: the exponential moving average of model weights for JAX/Flax, under any schedule."""
 
+from ema_jax import posthoc
 from ema_jax import schedules
 from ema_jax._normalized import NormalizedEma
 from ema_jax._normalized import normalized_ema
@@ -32,6 +33,7 @@ __all__ = [
     "ema",
     "explain",
     "normalized_ema",
+    "posthoc",
     "precise_batch_stats",
     "restore_checkpoint",
     "save_checkpoint",

@@ -3,6 +3,9 @@
 Prints what an EMA schedule means (see :func:`ema_jax.explain`), as a table or, with
 ``--json``, as one JSON object. Each schedule's options are its hyperparameters, read
 from the schedule classes themselves. Bad arguments give a one-line error and exit 2.
+
+``python -m ema_jax posthoc --dir DIR (--list | --sigma-rel S,... --out OUT [--step N])``
+lists post-hoc snapshots or writes reconstructions (see :mod:`ema_jax.posthoc`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import NoReturn
 
 from ema_jax import _report
 from ema_jax import schedules
+from ema_jax.posthoc import _cli as _posthoc_cli
 
 SCHEDULES: dict[str, type[schedules.Schedule]] = {
     cls.name: cls
@@ -123,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     explain.add_argument("--json", action="store_true", help="print one JSON object")
     explain.set_defaults(parser=explain)  # errors name the subcommand
+    _posthoc_cli.add_parser(commands)
     return parser
 
 
@@ -135,6 +140,8 @@ def _value(name: str, text: Any) -> Any:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "posthoc":
+        return _posthoc_cli.main(args)
     cls, options = SCHEDULES[args.schedule], _options()
     given = {n: getattr(args, n) for n in [*options, *EXTRA] if getattr(args, n) is not None}
     required = [n for n, entry in options.items() if args.schedule in entry["required"]]

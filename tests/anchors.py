@@ -538,6 +538,34 @@ def power_function_recursion_error(
     return float(np.max(np.abs(ema - closed)))
 
 
+def edm2_profile_dot(t_a: float, gamma_a: float, t_b: float, gamma_b: float) -> float:
+    """The inner product of two power-function profiles, as the paper states it.
+
+    EDM2 (Karras et al. 2024), App. C.2: a profile read at time t with exponent gamma is
+    ``(gamma + 1) tau**gamma / t**(gamma + 1)`` on (0, t]; two of them integrate to
+    ``(g_a + 1)(g_b + 1)(t_a / t_b)**e / ((g_a + g_b + 1) max(t_a, t_b))`` with
+    ``e = g_b`` if ``t_a < t_b`` else ``-g_a``. Scalars, one at a time.
+    """
+    e = gamma_b if t_a < t_b else -gamma_a
+    numerator = (gamma_a + 1.0) * (gamma_b + 1.0) * (t_a / t_b) ** e
+    return numerator / ((gamma_a + gamma_b + 1.0) * max(t_a, t_b))
+
+
+def edm2_posthoc_weights(
+    times: Sequence[float], gammas: Sequence[float], target_time: float, target_gamma: float
+) -> np.ndarray:
+    """EDM2's Algorithm 3, literally: ``A[i][j] = <p_i, p_j>``, ``b[i] = <p_i, p_target>``,
+    ``x = solve(A, b)`` (no scaling, a plain LU solve), normalised to sum to 1."""
+    n = len(times)
+    a = [
+        [edm2_profile_dot(times[i], gammas[i], times[j], gammas[j]) for j in range(n)]
+        for i in range(n)
+    ]
+    b = [edm2_profile_dot(times[i], gammas[i], target_time, target_gamma) for i in range(n)]
+    x = np.linalg.solve(np.array(a), np.array(b))
+    return x / np.sum(x)
+
+
 # --- 7. Flax nnx.EMA --------------------------------------------------------------------
 
 

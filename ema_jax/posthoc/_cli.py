@@ -1,0 +1,154 @@
+"""``python -m ema_jax posthoc``: list snapshots, write reconstructions as orbax checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+from ema_jax.linen._integrity import RECORD_KEY
+from ema_jax.linen._integrity import CorruptCheckpointError
+from ema_jax.linen._integrity import make_record
+from ema_jax.posthoc._format import SnapshotMismatchError
+from ema_jax.posthoc._format import SnapshotNotFoundError
+from ema_jax.posthoc._format import disk_bytes
+from ema_jax.posthoc._format import open_manager
+from ema_jax.posthoc._format import read_info
+from ema_jax.posthoc._reconstruct import coefficients
+from ema_jax.posthoc._reconstruct import reconstruct
+
+DESCRIPTION = (
+    "EDM2's post-hoc EMA: list the snapshots that ema_jax.posthoc.Snapshots wrote"
+    " (--list), or reconstruct the EMA of each --sigma-rel at a snapshot step (default:"
+    " the latest) and write it to --out as an orbax checkpoint per sigma_rel, named"
+    " sigma_rel_<value>_step_<step>; read one with"
+    " orbax.checkpoint.StandardCheckpointer().restore(path). See docs/posthoc.md."
+)
+
+
+def add_parser(commands: Any) -> argparse.ArgumentParser:
+    """Adds the ``posthoc`` subcommand to ``commands`` (argparse subparsers)."""
+    parser = commands.add_parser(
+        "posthoc",
+        help="post-hoc EMA: list snapshots, reconstruct any sigma_rel after training",
+        description=DESCRIPTION,
+        allow_abbrev=False,
+    )
+    parser.add_argument("--dir", required=True, metavar="DIR", help="the snapshot directory")
+    parser.add_argument("--list", action="store_true", help="list the snapshots found")
+    parser.add_argument(
+        "--sigma-rel", metavar="S[,S...]", help="relative widths to reconstruct, e.g. 0.05,0.07"
+    )
+    parser.add_argument("--step", metavar="N", help="the snapshot step (default: the latest)")
+    parser.add_argument("--out", metavar="OUT", help="where to write the reconstructions")
+    parser.set_defaults(parser=parser)
+    return parser
+
+
+def _sigma_rels(text: str) -> list[float]:
+    values = []
+    for part in text.split(","):
+        try:
+            values.append(float(part))
+        except ValueError:
+            raise ValueError(
+                f"--sigma-rel must be numbers separated by commas, got {text!r}"
+            ) from None
+    return values
+
+
+def _step(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"--step must be an integer, got {text!r}") from None
+
+
+def main(args: argparse.Namespace) -> int:
+    """Runs the subcommand; errors become one line on stderr and exit status 2."""
+    parser = args.parser
+    if args.list == (args.sigma_rel is not None):
+        parser.error("give exactly one of --list and --sigma-rel")
+    if args.sigma_rel is not None and args.out is None:
+        parser.error("--sigma-rel needs --out, where the reconstructions go")
+    if args.list and (args.out is not None or args.step is not None):
+        parser.error("--list takes no --out or --step")
+    try:
+        if args.list:
+            print(listing(args.dir))
+        else:
+            write(args.dir, _sigma_rels(args.sigma_rel), _step(args.step), args.out)
+    except (
+        ValueError,
+        SnapshotNotFoundError,
+        SnapshotMismatchError,
+        CorruptCheckpointError,
+        FileExistsError,
+    ) as error:
+        parser.error(str(error))
+    return 0
+
+
+def listing(directory: str) -> str:
+    """A table of the snapshots in ``directory``."""
+    manager = open_manager(directory)
+    try:
+        rows = [(read_info(manager, s), disk_bytes(manager, s)) for s in manager.all_steps()]
+    finally:
+        manager.close()
+    rows.sort(key=lambda row: row[0].step)
+    first = rows[0][0]
+    lines = [
+        f"{len(rows)} snapshots in {directory} (model fingerprint {first.fingerprint},"
+        f" {len(first.leaves)} leaves)",
+        f"{'step':>8}  {'samples':>12}  {'dtype':>8}  {'disk':>10}  averages (sigma_rel / gamma)",
+    ]
+    for info, size in rows:
+        averages = ", ".join(f"{a.name}: {a.sigma_rel:.4g} / {a.gamma:.4g}" for a in info.averages)
+        dtype = info.dtype or "ema's"
+        lines.append(
+            f"{info.step:>8d}  {max(a.time for a in info.averages):>12.6g}  {dtype:>8}"
+            f"  {_size(size):>10}  {averages}"
+        )
+    return "\n".join(lines)
+
+
+def _size(count: int) -> str:
+    """Bytes in binary units: ``"812 B"``, ``"14.2 KiB"``, ``"97.7 MiB"``, ``"1.19 GiB"``."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= scale:
+            return f"{count / scale:.3g} {unit}"
+    return f"{count} B"
+
+
+def write(directory: str, sigma_rels: list[float], step: int | None, out: str) -> list[str]:
+    """Reconstructs each ``sigma_rel`` and saves it under ``out``; returns the paths."""
+    found = coefficients(directory, sigma_rels, step=step)
+    step = found[0].step
+    paths = [os.path.abspath(os.path.join(out, f"sigma_rel_{s:g}_step_{step}")) for s in sigma_rels]
+    existing = [p for p in paths if os.path.exists(p)]
+    if existing:
+        raise FileExistsError(f"{existing[0]} exists: pass another --out or remove it")
+    results = reconstruct(directory, sigma_rels, step=step)
+    print(f"{'sigma_rel':>9}  {'gamma':>7}  {'step':>8}  {'residual':>9}  {'sources':>7}  path")
+    with ocp.StandardCheckpointer() as checkpointer:
+        for c, variables, path in zip(found, results, paths, strict=True):
+            record = make_record(variables, None)
+            record["reconstruction"] = {
+                "sigma_rel": c.sigma_rel,
+                "gamma": c.gamma,
+                "step": c.step,
+                "time": c.time,
+                "residual": c.residual,
+                "snapshots": os.path.abspath(directory),
+            }
+            checkpointer.save(path, variables, custom_metadata={RECORD_KEY: record})
+            print(
+                f"{c.sigma_rel:>9.4g}  {c.gamma:>7.3f}  {c.step:>8d}  {c.residual:>9.2e}"
+                f"  {len(c.weights):>7d}  {path}"
+            )
+    return paths
