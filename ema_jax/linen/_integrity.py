@@ -298,8 +298,8 @@ def quiet_storage() -> Iterator[_Quiet]:
     try:
         yield quiet
     finally:
-        gc.collect()  # abandoned coroutines, while the hook still drops their noise
-        if quiet.failed:
+        if quiet.failed:  # a failed read leaves abandoned coroutines: collect them now,
+            gc.collect()  # while the hook still drops their noise (0.2 s: not on success)
             start = last_noise[0] = time.monotonic()
             while time.monotonic() - start < _DRAIN_MAX_S:
                 if time.monotonic() - last_noise[0] >= _DRAIN_QUIET_S:
