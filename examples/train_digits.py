@@ -47,9 +47,12 @@ RUN_SETTINGS = (
 )
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workdir", default=os.path.join("workdir", "digits"))
+def parse_args(
+    argv: Sequence[str] | None, *, description: str | None = None, workdir: str = "digits"
+) -> argparse.Namespace:
+    """The command line (the NNX twin passes its own description and workdir)."""
+    parser = argparse.ArgumentParser(description=description or __doc__.split("\n")[0])
+    parser.add_argument("--workdir", default=os.path.join("workdir", workdir))
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=32)
     # High on purpose: the raw weights keep jumping, and the EMA averages the jumps out.
@@ -173,7 +176,7 @@ def print_table(history: list[dict[str, float]], precise_bn: bool) -> None:
         print(f"{row['epoch']:>5d}  {row['accuracy']:>7.4f}  {row['ema_accuracy']:>7.4f}")
 
 
-def plot(history: list[dict[str, float]], path: str) -> None:
+def plot(history: list[dict[str, float]], path: str, title: str = "Digits") -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
@@ -188,7 +191,7 @@ def plot(history: list[dict[str, float]], path: str) -> None:
     if "ema_precise_accuracy" in history[0]:
         precise = [100 * row["ema_precise_accuracy"] for row in history]
         ax.plot(epochs, precise, ".-", label="EMA weights, precise BN statistics")
-    ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="Digits: raw vs EMA weights")
+    ax.set(xlabel="epoch", ylabel="test accuracy (%)", title=f"{title}: raw vs EMA weights")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -27,70 +28,26 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 import ema_jax
 from ema_jax import nnx as ema_nnx
 
-NUM_SAMPLES_PRECISE = 8192  # pycls's BN.NUM_SAMPLES_PRECISE, precise_batch_stats' default
+EXAMPLES = pathlib.Path(__file__).resolve().parent
+if str(EXAMPLES) not in sys.path:  # imported by path (tests): train_digits.py is beside it
+    sys.path.insert(0, str(EXAMPLES))
 
-# The settings a checkpoint belongs to: resuming with other values would mix two runs.
-RUN_SETTINGS = (
-    "epochs",
-    "batch_size",
-    "lr",
-    "ema_alpha",
-    "update_period",
-    "seed",
-    "quick",
-    "no_precise_bn",
-)
+# The data, the command line, the table and the plot are the linen example's.
+from train_digits import NUM_SAMPLES_PRECISE  # noqa: E402
+from train_digits import RUN_SETTINGS  # noqa: E402
+from train_digits import load_data  # noqa: E402
+from train_digits import parse_args as linen_parse_args  # noqa: E402
+from train_digits import plot  # noqa: E402
+from train_digits import print_table  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workdir", default=os.path.join("workdir", "digits_nnx"))
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=32)
-    # High on purpose: the raw weights keep jumping, and the EMA averages the jumps out.
-    parser.add_argument("--lr", type=float, default=2.0, help="SGD learning rate after warmup")
-    # pycls's CIFAR recipe (EMA_ALPHA 2.5e-4, 50k images) gives the EMA a half-life of
-    # 5.5% of training; with 1344 images per epoch, 1e-2 keeps about that (5.2%).
-    parser.add_argument("--ema-alpha", type=float, default=1e-2, help="pycls's EMA_ALPHA")
-    # pycls's default 32 suits epochs of hundreds of steps; an epoch here has 42.
-    parser.add_argument("--update-period", type=int, default=4, help="pycls's EMA_UPDATE_PERIOD")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--no-precise-bn",
-        action="store_true",
-        help="keep the running/averaged BatchNorm statistics (pycls recomputes them every epoch)",
-    )
-    parser.add_argument("--quick", action="store_true", help="2 short epochs on 256 images (tests)")
-    parser.add_argument("--no-plot", action="store_true", help="do not write curves.png")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.epochs = 2
-    if args.epochs < 1 or args.batch_size < 1:
-        parser.error(
-            f"--epochs and --batch-size must be >= 1, got {args.epochs}, {args.batch_size}"
-        )
-    return args
-
-
-def load_data(quick: bool) -> tuple[np.ndarray, ...]:
-    """The 1797 8x8 digits shipped with scikit-learn, split 75/25 (stratified, fixed)."""
-    digits = load_digits()
-    images = (digits.images / 16.0).astype(np.float32)[..., None]  # NHWC, in [0, 1]
-    labels = digits.target.astype(np.int32)
-    x_train, x_test, y_train, y_test = train_test_split(
-        images, labels, test_size=0.25, random_state=0, stratify=labels
-    )
-    if quick:
-        x_train, y_train = x_train[:256], y_train[:256]
-    return x_train, y_train, x_test, y_test
+    return linen_parse_args(argv, description=__doc__.split("\n")[0], workdir="digits_nnx")
 
 
 class Cnn(nnx.Module):
@@ -147,55 +104,9 @@ def evaluate(raw: Cnn, averaged: Cnn, x: jax.Array, y: jax.Array) -> jax.Array:
     return jnp.stack([jnp.mean(jnp.argmax(m(x), -1) == y) for m in (raw, averaged)])
 
 
-def print_table(history: list[dict[str, float]], precise_bn: bool) -> None:
-    if precise_bn:
-        print(
-            "Test accuracy. raw: raw weights, precise BN statistics; EMA: EMA weights, their"
-            " averaged BN statistics; EMA pBN: EMA weights, precise BN statistics"
-        )
-        print(f"{'epoch':>5}  {'raw acc':>7}  {'EMA acc':>7}  {'EMA pBN acc':>11}")
-        for row in history:
-            print(
-                f"{row['epoch']:>5d}  {row['accuracy']:>7.4f}  {row['ema_accuracy']:>7.4f}"
-                f"  {row['ema_precise_accuracy']:>11.4f}"
-            )
-        return
-    print(
-        "Test accuracy. raw: raw weights, running BN statistics; EMA: EMA weights, their"
-        " averaged BN statistics"
-    )
-    print(f"{'epoch':>5}  {'raw acc':>7}  {'EMA acc':>7}")
-    for row in history:
-        print(f"{row['epoch']:>5d}  {row['accuracy']:>7.4f}  {row['ema_accuracy']:>7.4f}")
-
-
 def best_row(history: list[dict[str, float]], metric: str) -> dict[str, float]:
     """The row with the best ``metric``; on a tie, the later one."""
     return max(reversed(history), key=lambda row: row[metric])
-
-
-def plot(history: list[dict[str, float]], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    epochs = [row["epoch"] for row in history]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(epochs, [100 * row["accuracy"] for row in history], ".-", label="raw weights")
-    ema_label = "EMA weights, averaged BN statistics"
-    ax.plot(epochs, [100 * row["ema_accuracy"] for row in history], ".-", label=ema_label)
-    if "ema_precise_accuracy" in history[0]:
-        precise = [100 * row["ema_precise_accuracy"] for row in history]
-        ax.plot(epochs, precise, ".-", label="EMA weights, precise BN statistics")
-    ax.set(xlabel="epoch", ylabel="test accuracy (%)", title="Digits (NNX): raw vs EMA weights")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
