@@ -62,31 +62,30 @@ MODELS = {
 
 
 def transforms() -> dict[str, tuple[str, Any]]:
-    """Our candidates: label, transform. The constant decay needs the coming core."""
-    out = {
+    """Our candidates: label, transform."""
+    pycls = ema_jax.schedules.pycls
+    return {
         "ours_skip": (
-            "normalized_ema, guard skip (no count; the coming default)",
-            ema_jax.normalized_ema(**HYPER, update_period=1, count_nonfinite=False),
+            "ema(pycls), default guard (skip, no count)",
+            ema_jax.ema(pycls(**HYPER, update_period=1)),
         ),
         "ours_skip_and_count": (
-            "normalized_ema, guard skip + count (today's default)",
-            ema_jax.normalized_ema(**HYPER, update_period=1),
+            "ema(pycls), skip_and_count (normalized_ema's default)",
+            ema_jax.ema(pycls(**HYPER, update_period=1), nonfinite="skip_and_count"),
         ),
         "ours_no_guard": (
-            "normalized_ema, no guard",
-            ema_jax.normalized_ema(**HYPER, update_period=1, skip_nonfinite=False),
+            "ema(pycls), no guard (propagate)",
+            ema_jax.ema(pycls(**HYPER, update_period=1), nonfinite="propagate"),
         ),
         "ours_skip_p32": (
-            "normalized_ema, guard skip, period 32 (per call)",
-            ema_jax.normalized_ema(**HYPER, update_period=32, count_nonfinite=False),
+            "ema(pycls), default guard, period 32 (per call)",
+            ema_jax.ema(pycls(**HYPER, update_period=32)),
         ),
-    }
-    if hasattr(ema_jax, "ema") and hasattr(ema_jax, "schedules"):
-        out["ours_constant"] = (
+        "ours_constant": (
             "ema(schedules.constant), default guard",
             ema_jax.ema(ema_jax.schedules.constant(0.999)),
-        )
-    return out
+        ),
+    }
 
 
 def nnx_jit_candidate(name: str, model: Any, ema: Any, calls: int) -> Candidate:
