@@ -5,13 +5,19 @@ One place for what several test files need, so that no test file imports another
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 EPS32 = float(np.finfo(np.float32).eps)
 BIG = 4096  # "parameter-sized" in the HLO helpers: arrays of at least this many entries
@@ -158,3 +164,39 @@ def max_abs(tree: Any) -> float:
 
 def max_abs_diff(a: Any, b: Any) -> float:
     return max_abs(jax.tree.map(lambda u, v: np.asarray(u, np.float64) - v, a, b))
+
+
+# --- workers on simulated devices --------------------------------------------------------
+
+
+def run_device_worker(
+    worker: Path, args: list[str], report: Path, *, devices: int = 8, timeout_s: int = 240
+) -> dict[str, str]:
+    """Runs ``worker`` on ``devices`` simulated CPU devices; returns its JSON report.
+
+    The report maps each check to "ok" or its traceback; ``{"*": why}`` when the worker
+    failed as a whole (exit status, time-out), with its output.
+    """
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS=flags.strip(),
+        PYTHONPATH=os.pathsep.join([str(worker.parent.parent), str(worker.parent)]),
+    )
+    command = [sys.executable, str(worker), *args]
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout_s)
+    except subprocess.TimeoutExpired as e:  # run() has killed the worker
+        return {"*": f"worker timed out after {timeout_s} s:\n{e.stdout}\n{e.stderr}"}
+    if proc.returncode != 0 or not report.exists():
+        return {"*": f"worker exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"}
+    return json.loads(report.read_text())
+
+
+def check_device_result(results: dict[str, str], name: str) -> None:
+    """Fails the calling test with the worker's traceback unless check ``name`` passed."""
+    if "*" in results:
+        pytest.fail(results["*"], pytrace=False)
+    if results.get(name) != "ok":
+        pytest.fail(f"{name}: {results.get(name, 'did not run')}", pytrace=False)

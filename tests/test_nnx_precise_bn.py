@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +24,8 @@ from nnx_precise_bn_worker import linen_params
 from nnx_precise_bn_worker import setup
 from precise_bn_worker import numpy_stats
 from support import assert_trees_equal
+from support import check_device_result
+from support import run_device_worker
 
 import ema_jax
 from ema_jax import _batch_stats
@@ -214,27 +212,14 @@ WORKER = Path(nnx_precise_bn_worker.__file__)
 
 @pytest.fixture(scope="module")
 def device_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    out = tmp_path_factory.mktemp("nnx_precise_bn") / "results.json"
-    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8"
-    env = dict(
-        os.environ,
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS=flags.strip(),
-        PYTHONPATH=os.pathsep.join([str(WORKER.parent.parent), str(WORKER.parent)]),
-    )
-    command = [sys.executable, str(WORKER), str(out)]
-    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=240)
-    if proc.returncode != 0 or not out.exists():
-        return {"*": f"worker exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"}
-    return json.loads(out.read_text())
+    workdir = tmp_path_factory.mktemp("nnx_precise_bn")
+    report = workdir / "results.json"
+    return run_device_worker(WORKER, [str(report)], report)
 
 
 @pytest.mark.parametrize("name", sorted(nnx_precise_bn_worker.CHECKS))
 def test_on_8_simulated_devices(device_results, name):
-    if "*" in device_results:
-        pytest.fail(device_results["*"], pytrace=False)
-    if device_results.get(name) != "ok":
-        pytest.fail(f"{name}: {device_results.get(name, 'did not run')}", pytrace=False)
+    check_device_result(device_results, name)
 
 
 # ------------------------------------------------------------------ bad input
