@@ -136,6 +136,16 @@ class Ema:
 
         With a single schedule, ``ema`` itself (``which`` must be None or 0). With
         several, the ``which``-th (index or name) along every leaf's trailing axis.
+
+        Example:
+          >>> import jax.numpy as jnp
+          >>> import ema_jax
+          >>> from ema_jax import schedules
+          >>> ema = ema_jax.ema({"fast": schedules.constant(0.5),
+          ...                    "slow": schedules.constant(0.9)})
+          >>> state = ema.update({"w": jnp.ones(2)}, ema.init({"w": jnp.zeros(2)}))
+          >>> state.ema["w"].shape, ema.average(state.ema, "slow")["w"]
+          ((2, 2), Array([0.1, 0.1], dtype=float32))
         """
         if not self.several:
             if which not in (None, 0):

@@ -177,6 +177,24 @@ def save_checkpoint(
     Returns:
       What ``manager.save`` returns: False when the manager's policy skipped the step
       (a step at or before its latest is never saved).
+
+    Example:
+      >>> import tempfile
+      >>> import flax.linen as nn, jax, jax.numpy as jnp, optax
+      >>> import orbax.checkpoint as ocp
+      >>> import ema_jax
+      >>> model = nn.Dense(2)
+      >>> params = model.init(jax.random.key(0), jnp.ones((1, 3)))["params"]
+      >>> ema = ema_jax.ema(ema_jax.schedules.constant(0.99))
+      >>> state = ema_jax.EmaTrainState.create(
+      ...     apply_fn=model.apply, params=params, tx=optax.sgd(0.1), ema=ema)
+      >>> with tempfile.TemporaryDirectory() as workdir:
+      ...     with ocp.CheckpointManager(
+      ...             workdir, item_handlers=ocp.StandardCheckpointHandler()) as manager:
+      ...         saved = ema_jax.save_checkpoint(manager, state)
+      ...         restored = ema_jax.restore_checkpoint(manager, state)  # verified
+      >>> saved, int(restored.ema_state.step)
+      (True, 0)
     """
     if not isinstance(state, EmaTrainState):
         raise TypeError(f"state must be an ema_jax.EmaTrainState, got {type(state).__name__}")

@@ -22,6 +22,11 @@ def sigma_rel_of_gamma(gamma: float) -> float:
     """EDM2's relative width of the power-function profile ``t**gamma``.
 
     ``sqrt((gamma + 1) / ((gamma + 2)**2 (gamma + 3)))`` (Karras et al. 2024, Eq. 3).
+
+    Example:
+      >>> from ema_jax import schedules
+      >>> round(schedules.sigma_rel_of_gamma(6.94), 4)
+      0.1
     """
     return math.sqrt((gamma + 1.0) / ((gamma + 2.0) ** 2 * (gamma + 3.0)))
 
@@ -31,6 +36,11 @@ def gamma_of_sigma_rel(sigma_rel: float) -> float:
 
     The largest real root of ``g**3 + 7 g**2 + (16 - s**-2) g + (12 - s**-2)``, the
     equation ``sigma_rel_of_gamma(g) = s`` multiplied out (Karras et al. 2024, App. C.2).
+
+    Example:
+      >>> from ema_jax import schedules
+      >>> round(schedules.gamma_of_sigma_rel(0.05), 2), round(schedules.gamma_of_sigma_rel(0.10), 2)
+      (16.97, 6.94)
     """
     s2 = sigma_rel**-2
     roots = np.roots([1.0, 7.0, 16.0 - s2, 12.0 - s2])
