@@ -17,6 +17,8 @@ import ml_dtypes
 from ema_jax import _report as _explain
 from ema_jax.schedules import _pycls as _schedule
 
+import generated_blocks
+
 IMAGENET_SIZE = 1_281_167
 CIFAR_SIZE = 50_000
 ERROR_XS = (1e-4, 1e-3, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
@@ -289,10 +291,4 @@ def markdown_tables() -> dict[str, str]:
 def fill(doc: str, tables: dict[str, str] | None = None) -> str:
     """``doc`` with every generated block replaced by its current table."""
     tables = markdown_tables() if tables is None else tables
-    for name, table in tables.items():
-        begin, end = f"<!-- BEGIN GENERATED: {name} -->", f"<!-- END GENERATED: {name} -->"
-        start, stop = doc.find(begin), doc.find(end)
-        if start < 0 or stop < start:
-            raise ValueError(f"docs/math.md lacks the block {begin} ... {end}")
-        doc = doc[: start + len(begin)] + "\n" + table + "\n" + doc[stop:]
-    return doc
+    return generated_blocks.fill(doc, tables, "docs/math.md")

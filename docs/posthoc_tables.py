@@ -30,6 +30,8 @@ sys.path.insert(0, str(ROOT))
 from ema_jax import posthoc  # noqa: E402
 from ema_jax import schedules  # noqa: E402
 
+import generated_blocks  # noqa: E402
+
 DOC = ROOT / "docs" / "posthoc.md"
 TRACKED = (0.05, 0.10)
 TARGETS = (0.03, 0.07, 0.15, 0.25)
@@ -189,13 +191,7 @@ def measure(params: int = 2**20, count: int = 20) -> str:
 
 def fill(doc: str, tables: dict[str, str]) -> str:
     """``doc`` with every generated block replaced by its current content."""
-    for name, table in tables.items():
-        begin, end = f"<!-- BEGIN GENERATED: {name} -->", f"<!-- END GENERATED: {name} -->"
-        start, stop = doc.find(begin), doc.find(end)
-        if start < 0 or stop < start:
-            raise ValueError(f"docs/posthoc.md lacks the block {begin} ... {end}")
-        doc = doc[: start + len(begin)] + "\n" + table + "\n" + doc[stop:]
-    return doc
+    return generated_blocks.fill(doc, tables, "docs/posthoc.md")
 
 
 def main() -> int:

@@ -6,11 +6,12 @@ import pathlib
 import re
 
 import numpy as np
-import posthoc_tables
 import pytest
 
 from ema_jax import posthoc
 from ema_jax import schedules
+
+import posthoc_tables
 
 DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "posthoc.md"
 TABLES = posthoc_tables.markdown_tables()

@@ -1,0 +1,24 @@
+"""Generated blocks in a Markdown doc: ``<!-- BEGIN GENERATED: name -->`` ... ``END``.
+
+Shared by the docs' table generators (math_tables.py, posthoc_tables.py), so that every
+number in a doc comes from code and a test can check the doc holds it verbatim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+def fill(doc: str, tables: Mapping[str, str], where: str) -> str:
+    """``doc`` with every generated block replaced by its table; ``where`` names the doc.
+
+    Raises:
+      ValueError: the doc lacks the markers of one of ``tables``.
+    """
+    for name, table in tables.items():
+        begin, end = f"<!-- BEGIN GENERATED: {name} -->", f"<!-- END GENERATED: {name} -->"
+        start, stop = doc.find(begin), doc.find(end)
+        if start < 0 or stop < start:
+            raise ValueError(f"{where} lacks the block {begin} ... {end}")
+        doc = doc[: start + len(begin)] + "\n" + table + "\n" + doc[stop:]
+    return doc
