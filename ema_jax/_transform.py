@@ -311,7 +311,7 @@ class Ema:
         return self.ema_dtype if self.ema_dtype is not None and real_float else None
 
     def _fold(self, params: PyTree, ema: PyTree, plan: Plan) -> tuple[PyTree, jax.Array]:
-        """One EMA update: returns the new EMA, and 1 if some result entry was NaN/Inf.
+        """One EMA update: returns the new EMA, and 1 if the count saw NaN/Inf parameters.
 
         Averaged leaves are blended in at least fp32 and rounded once to the EMA's
         dtype (a bf16 EMA); where the plan copies, the result is exactly ``params``.
