@@ -38,6 +38,7 @@ from ema_jax._checkpoint._read import read_metadata
 from ema_jax._checkpoint._read import read_verified
 from ema_jax._checkpoint._record import RECORD_FORMAT
 from ema_jax._checkpoint._record import RECORD_KEY
+from ema_jax._checkpoint._record import json_ready
 from ema_jax._checkpoint._record import make_record
 from ema_jax._checkpoint._record import read_record
 from ema_jax._checkpoint._settings import check_settings
@@ -65,6 +66,7 @@ __all__ = [
     "ema_changes",
     "finalized_steps",
     "item_directory",
+    "json_ready",
     "log_allowed",
     "make_record",
     "newest_intact",
