@@ -515,9 +515,9 @@ def test_two_averages_are_not_restored_as_one(tmp_path):
         ema_jax.save_checkpoint(m, make_state(Wide(), two))
     text = "holds an EMA with 2 average(s), but the target's has 1"
     for allow in (False, True):
-        with manager(tmp_path) as m:
-            with pytest.raises(ema_jax.EmaSettingsMismatchError, match=re.escape(text)):
-                ema_jax.restore_checkpoint(m, target(), allow_ema_change=allow)
+        mismatch = pytest.raises(ema_jax.EmaSettingsMismatchError, match=re.escape(text))
+        with manager(tmp_path) as m, mismatch:
+            ema_jax.restore_checkpoint(m, target(), allow_ema_change=allow)
 
 
 def test_best_checkpoints_take_a_relative_directory(tmp_path, monkeypatch):

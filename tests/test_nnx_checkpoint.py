@@ -23,7 +23,6 @@ import pytest
 from flax import nnx
 from models import EMA
 from models import PYCLS
-from models import NnxNet
 from models import batches
 from models import nnx_setup
 from models import nnx_train_step
@@ -200,9 +199,9 @@ def test_two_averages_are_not_restored_into_one_nor_one_into_two(tmp_path):
     cases += [("one", objects(two), "1 average(s), but the target's has 2")]
     for name, objs, text in cases:
         for allow in (False, True):
-            with manager(tmp_path / name) as m:
-                with pytest.raises(ema_jax.EmaSettingsMismatchError) as raised:
-                    ema_nnx.restore_checkpoint(m, objs, allow_ema_change=allow)
+            mismatch = pytest.raises(ema_jax.EmaSettingsMismatchError)
+            with manager(tmp_path / name) as m, mismatch as raised:
+                ema_nnx.restore_checkpoint(m, objs, allow_ema_change=allow)
             assert text in str(raised.value) and "strict" not in str(raised.value)
 
 
@@ -224,9 +223,9 @@ def test_bad_arguments_are_named(tmp_path):
     with manager(tmp_path) as m:
         with pytest.raises(FileNotFoundError, match="no finalized checkpoint in"):
             ema_nnx.restore_checkpoint(m, objects())
-        with pytest.raises(TypeError, match="objects must be NNX objects.*got nothing"):
+        with pytest.raises(TypeError, match=r"objects must be NNX objects.*got nothing"):
             ema_nnx.save_checkpoint(m, 1, {})
-        with pytest.raises(TypeError, match="objects must be NNX objects.*got float"):
+        with pytest.raises(TypeError, match=r"objects must be NNX objects.*got float"):
             ema_nnx.save_checkpoint(m, 1, {"w": 1.0})
         with pytest.raises(ValueError, match="custom_metadata must not use the key 'ema_jax'"):
             ema_nnx.save_checkpoint(m, 1, objects(), custom_metadata={"ema_jax": 1})
