@@ -5,6 +5,7 @@ a damaged latest step to the newest intact one."""
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from collections.abc import Mapping
 from typing import Any
@@ -49,7 +50,8 @@ def read_metadata(
             metadata = manager.item_metadata(step)
         except Exception as err:
             hush.failed = True
-            raise corrupt(where, step, directory, _metadata_problem(manager, step, err)) from None
+            problem, path = _metadata_problem(manager, step, err)
+            raise corrupt(where, step, directory, problem, path) from None
         tree = getattr(metadata, "tree", metadata)
         if not isinstance(tree, Mapping):
             # orbax returns None both when the manager lacks a handler and when the
@@ -64,17 +66,27 @@ def read_metadata(
     return tree, read_record(metadata, where, step, directory)
 
 
-def _metadata_problem(manager: ocp.CheckpointManager, step: int, err: BaseException) -> str:
-    """What failed when orbax could not read a step's metadata: the tree's own file, or
-    an array's metadata, which OCDBT keeps among the arrays' data."""
+_ARRAY_IN_ERROR = re.compile(r'reading "([^"]+)/(?:\.zarray|zarr\.json)"')
+
+
+def _metadata_problem(
+    manager: ocp.CheckpointManager, step: int, err: BaseException
+) -> tuple[str, str | None]:
+    """What failed when orbax could not read a step's metadata, and the array if one:
+    the tree's own file, or an array's metadata, which OCDBT keeps among the arrays'
+    data (so damaged data shows first as an array whose metadata cannot be read)."""
+    summary = storage_summary(err)
+    found = _ARRAY_IN_ERROR.search(str(err))
+    if found is not None:
+        return f"{found.group(1)} cannot be read (its data is damaged: {summary})", found.group(1)
     metadata_file = item_directory(manager, step) / "_METADATA"
     try:
         readable = metadata_file.exists() and bool(metadata_file.read_text())
     except Exception:  # unreadable is what this asks
         readable = False
     if readable:
-        return f"its arrays' data cannot be read ({storage_summary(err)})"
-    return f"its metadata cannot be read ({storage_summary(err)})"
+        return f"an array cannot be read (its data is damaged: {summary})", None
+    return f"its metadata cannot be read ({summary})", None
 
 
 def read(manager: ocp.CheckpointManager, step: int, item: PyTree, where: str) -> PyTree:
