@@ -106,3 +106,31 @@ def test_the_cli_prints_one_line_for_a_damaged_snapshot(damaged):
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1, done.stderr[:3000]
     assert "snapshot step 20" in done.stderr and "its data is damaged" in done.stderr
+
+
+def test_the_checkpoint_module_imports_no_framework_and_no_adapter():
+    # One home for the checkpoint plumbing (issue 18): linen, nnx and posthoc use it,
+    # and it uses none of them, nor Flax; the adapters import nothing private of each other.
+    import ast
+
+    package = ROOT / "ema_jax"
+
+    def imports(path: pathlib.Path) -> set[str]:
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        return names
+
+    for path in (package / "_checkpoint").glob("*.py"):
+        bad = {n for n in imports(path) if n.split(".")[0] == "flax"}
+        bad |= {n for n in imports(path) if n.startswith(("ema_jax.linen", "ema_jax.nnx"))}
+        bad |= {n for n in imports(path) if n.startswith("ema_jax.posthoc")}
+        assert not bad, (path.name, bad)
+    for adapter in ("linen", "nnx", "posthoc"):
+        others = [f"ema_jax.{a}._" for a in ("linen", "nnx", "posthoc") if a != adapter]
+        for path in (package / adapter).glob("*.py"):
+            bad = {n for n in imports(path) if n.startswith(tuple(others))}
+            assert not bad, (adapter, path.name, bad)

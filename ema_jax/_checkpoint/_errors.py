@@ -14,6 +14,8 @@ class CorruptCheckpointError(OSError):
     or unreadable; the same are in ``step``, ``directory`` and ``path``.
     """
 
+    __module__ = "ema_jax"  # where users import it from (and where tracebacks say it is)
+
     def __init__(self, message: str, *, step: int | None, directory: Any, path: str | None) -> None:
         super().__init__(message)
         self.step = step
@@ -24,6 +26,8 @@ class CorruptCheckpointError(OSError):
 class EmaSettingsMismatchError(ValueError):
     """A checkpoint's EMA has another schedule, ``ema_dtype``, leaf dtype or number of
     averages than the target's EMA."""
+
+    __module__ = "ema_jax"
 
 
 def corrupt(
