@@ -231,3 +231,19 @@ def test_bad_arguments_are_named(tmp_path):
             ema_nnx.save_checkpoint(m, 1, objects(), custom_metadata={"ema_jax": 1})
         with pytest.raises(TypeError, match="allow_ema_change must be a bool"):
             ema_nnx.restore_checkpoint(m, objects(), allow_ema_change="yes")
+
+
+@pytest.mark.bad_input
+def test_an_ema_alone_is_checked_as_well(tmp_path):
+    # The objects may be one NNX object: its averaged leaves are then at the root.
+    ema = nnx_setup()[2]
+    with manager(tmp_path) as m:
+        ema_nnx.save_checkpoint(m, 1, ema)
+    low = nnx_setup(param_dtype=jnp.bfloat16)[2]
+    text = "the averaged leaf params.bn.bias is float32 in the checkpoint but bfloat16"
+    with manager(tmp_path) as m:
+        with pytest.raises(ema_jax.EmaSettingsMismatchError, match=re.escape(text)):
+            ema_nnx.restore_checkpoint(m, low)
+        other = nnx_setup(seed=1)[2]
+        assert ema_nnx.restore_checkpoint(m, other) == 1
+    assert_trees_equal(snapshot(other), snapshot(ema))

@@ -249,7 +249,9 @@ def _restore_step(
     for path, settings in emas.items():
         if path not in saved_emas:
             continue  # the tree check names the Ema that the checkpoint lacks
-        dtypes = ckpt.dtype_changes(record["arrays"], wanted, (f"{path}.params.",))
+        dtypes = ckpt.dtype_changes(
+            record["arrays"], wanted, (f"{path}.params." if path else "params.",)
+        )
         changes += ckpt.check_settings(
             saved_emas[path], settings, dtypes, where, allow_ema_change, "restore_checkpoint"
         )
