@@ -23,7 +23,9 @@ import pytest
 from flax import nnx
 from models import EMA
 from models import PYCLS
+from models import Mlp
 from models import batches
+from models import make_state
 from models import nnx_setup
 from models import nnx_train_step
 from support import assert_trees_equal
@@ -231,6 +233,22 @@ def test_bad_arguments_are_named(tmp_path):
             ema_nnx.save_checkpoint(m, 1, objects(), custom_metadata={"ema_jax": 1})
         with pytest.raises(TypeError, match="allow_ema_change must be a bool"):
             ema_nnx.restore_checkpoint(m, objects(), allow_ema_change="yes")
+
+
+@pytest.mark.bad_input
+def test_a_manager_of_a_relative_directory_is_refused_with_the_fix(tmp_path, monkeypatch):
+    # Issue 21: orbax refuses relative paths, which read as a corrupt checkpoint.
+    monkeypatch.chdir(tmp_path)
+    text = "the manager's directory 'rel' is relative, and orbax reads and writes absolute"
+    with manager("rel") as m:
+        for call in (
+            lambda: ema_nnx.save_checkpoint(m, 1, objects()),
+            lambda: ema_nnx.restore_checkpoint(m, objects()),
+            lambda: ema_jax.save_checkpoint(m, make_state(Mlp(), EMA)),
+            lambda: ema_jax.restore_checkpoint(m, make_state(Mlp(), EMA)),
+        ):
+            with pytest.raises(ValueError, match=re.escape(text)):
+                call()
 
 
 @pytest.mark.bad_input

@@ -46,6 +46,7 @@ from ema_jax._checkpoint._settings import dtype_changes
 from ema_jax._checkpoint._settings import ema_changes
 from ema_jax._checkpoint._settings import log_allowed
 from ema_jax._checkpoint._storage import absolute
+from ema_jax._checkpoint._storage import check_manager
 from ema_jax._checkpoint._storage import item_directory
 from ema_jax._checkpoint._storage import quiet_storage
 from ema_jax._checkpoint._storage import storage_summary
@@ -60,6 +61,7 @@ __all__ = [
     "EmaSettingsMismatchError",
     "absolute",
     "cast_like",
+    "check_manager",
     "check_settings",
     "corrupt",
     "dtype_changes",

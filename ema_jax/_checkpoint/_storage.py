@@ -33,6 +33,24 @@ def absolute(directory: Any) -> Any:
     return directory
 
 
+def check_manager(manager: Any, call: str) -> None:
+    """Raises ValueError for a manager of a relative directory, which orbax can neither
+    write nor read (it reports that as an unreadable checkpoint), or for no manager."""
+    directory = getattr(manager, "directory", None)
+    if directory is None or not callable(getattr(manager, "all_steps", None)):
+        raise TypeError(
+            f"{call}: manager must be an orbax.checkpoint.CheckpointManager, got"
+            f" {type(manager).__name__}"
+        )
+    path = os.fspath(directory)
+    if "://" not in path and not os.path.isabs(path):
+        raise ValueError(
+            f"{call}: the manager's directory {path!r} is relative, and orbax reads and"
+            " writes absolute paths only: create the manager with"
+            f" ocp.CheckpointManager(os.path.abspath({path!r}), ...)"
+        )
+
+
 def item_directory(manager: ocp.CheckpointManager, step: int) -> epath.Path:
     """Where the manager keeps the default item of a finalized ``step``."""
     # The manager's step naming (prefix, zero padding) is not public; orbax's default

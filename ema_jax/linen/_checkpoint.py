@@ -106,6 +106,7 @@ def save_checkpoint(
     meta = dict(custom_metadata or {})
     if RECORD_KEY in meta:
         raise ValueError(f"custom_metadata must not use the key {RECORD_KEY!r}: it is ema_jax's")
+    ckpt.check_manager(manager, "save_checkpoint")
     meta[RECORD_KEY] = make_record(state, state.ema.settings())
     return manager.save(
         int(state.step), args=ocp.args.StandardSave(state, custom_metadata=meta), metrics=metrics
@@ -194,6 +195,7 @@ def restore_checkpoint(
         raise TypeError(f"target must be an ema_jax.EmaTrainState, got {type(target).__name__}")
     if not isinstance(allow_ema_change, bool):
         raise TypeError(f"allow_ema_change must be a bool, got {allow_ema_change!r}")
+    ckpt.check_manager(manager, "restore_checkpoint")
     return ckpt.newest_intact(
         manager, step, lambda at: _restore_step(manager, target, at, allow_ema_change)
     )

@@ -144,6 +144,7 @@ def save_checkpoint(
     meta = dict(custom_metadata or {})
     if RECORD_KEY in meta:
         raise ValueError(f"custom_metadata must not use the key {RECORD_KEY!r}: it is ema_jax's")
+    ckpt.check_manager(manager, "save_checkpoint")
     pure = _key_data(nnx.to_pure_dict(nnx.state(objects)))
     record = ckpt.make_record(pure, None)
     record[EMAS_KEY] = {path: ema.transform.settings() for path, ema in _emas(objects).items()}
@@ -201,6 +202,7 @@ def restore_checkpoint(
         raise TypeError(f"allow_ema_change must be a bool, got {allow_ema_change!r}")
     if step is not None:
         step = _validate.check_nonnegative_int("step", step)
+    ckpt.check_manager(manager, "restore_checkpoint")
     state = nnx.state(objects)
     pure = nnx.to_pure_dict(state)
     target = _key_data(pure)
