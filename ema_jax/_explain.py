@@ -5,7 +5,9 @@ of one or several averages), :func:`explain` returns a :class:`Report`: ``str()`
 it is a table, ``to_dict()``/``to_json()`` its JSON. The reports themselves are built
 by :mod:`ema_jax._report` (pycls) and :mod:`ema_jax._report_schedule` (any other
 schedule). Host-side NumPy only; the jitted core (``_transform.py``) imports this
-module inside :meth:`ema_jax.Ema.explain`, never at module level.
+module inside :meth:`ema_jax.Ema.explain`, never at module level, and this module does
+not import the core (an EMA is known by its ``schedules``), so that the import graph
+has no circle.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from ema_jax._report_schedule import ScheduleReport
 from ema_jax._report_schedule import explain_schedule
 from ema_jax._report_text import Report
 from ema_jax._report_text import json_ready
-from ema_jax._transform import Ema
 from ema_jax.schedules import Pycls
 from ema_jax.schedules import Schedule
 from ema_jax.schedules import pycls
@@ -98,7 +99,7 @@ class AveragesReport(Report):
 
 
 def explain(
-    subject: Schedule | Ema | None = None,
+    subject: Any = None,
     /,
     *,
     dataset_size: int | None = None,
@@ -158,7 +159,7 @@ def explain(
     options: dict[str, Any] = dict(
         dataset_size=dataset_size, total_steps=total_steps, cadence=cadence
     )
-    if isinstance(subject, Ema):
+    if _is_ema(subject):
         if dtype is None:
             dtype = subject.ema_dtype if subject.ema_dtype is not None else "float32"
         reports = tuple(_explain_schedule(s, dtype=dtype, **options) for s in subject.schedules)
@@ -175,6 +176,13 @@ def explain(
         subject = pycls(**pycls_hyperparameters)
         options["cadence"] = "epoch" if cadence is None else cadence
     return _explain_schedule(subject, dtype=dtype, **options)
+
+
+def _is_ema(subject: Any) -> bool:
+    """Whether ``subject`` is an :class:`ema_jax.Ema`: its schedules, names and dtype."""
+    return not isinstance(subject, Schedule) and all(
+        hasattr(subject, name) for name in ("schedules", "several", "names", "ema_dtype")
+    )
 
 
 def _explain_schedule(

@@ -56,6 +56,10 @@ WARN_WARMUP = (
     "warmup: warmup_epochs={warmup!r} covers the whole run (max_epoch={max_epoch!r}),"
     " so the EMA only copies the weights"
 )
+WARN_EPOCHS = (
+    "epochs: max_epoch={max_epoch!r} is not a whole number of epochs (pycls's MAX_EPOCH"
+    " is); it is taken as the schedule's length in the alpha{run}"
+)
 WARN_DTYPE = (
     "dtype: with alpha {alpha:.3g} and {dtype}'s resolution eps/2 = {half_eps:.3g},"
     " updates can round away unless |params - ema| > {gap:.3g} * |ema| (and do below half"
@@ -263,6 +267,13 @@ def explain_pycls(
         warnings.append(
             WARN_CADENCE.format(per_epoch=per_epoch, spe=spe, k=k, speedup=speedup - 1.0)
         )
+    if max_epoch != math.floor(max_epoch):
+        run = (
+            ""
+            if spe is None
+            else f" and the run ends mid-epoch, after {_total_steps(max_epoch, spe)} steps"
+        )
+        warnings.append(WARN_EPOCHS.format(max_epoch=max_epoch, run=run))
     covered = warmup >= max_epoch
     if covered:
         warnings.append(WARN_WARMUP.format(warmup=warmup, max_epoch=max_epoch))

@@ -19,6 +19,8 @@ import numpy as np
 
 from ema_jax import _trees
 from ema_jax import _validate
+from ema_jax import schedules
+from ema_jax.schedules import REGISTRY
 from ema_jax.schedules import Plan
 from ema_jax.schedules import Schedule
 
@@ -66,9 +68,17 @@ class Ema:
         several = isinstance(self.schedule, tuple)
         for s in self.schedules:
             if not isinstance(s, Schedule):
+                hint = ""
+                if isinstance(s, str):  # a family's name: say how to build the schedule
+                    known = s in REGISTRY and hasattr(schedules, s)
+                    hint = (
+                        f"; a name is not a schedule: build one, e.g. schedules.{s}(...)"
+                        if known
+                        else f"; a name is not a schedule, and the families are {list(REGISTRY)}"
+                    )
                 raise TypeError(
                     "schedule must be a schedule from ema_jax.schedules (e.g."
-                    f" schedules.constant(0.999)) or a tuple of them, got {s!r}"
+                    f" schedules.constant(0.999)) or a tuple of them, got {s!r}{hint}"
                 )
         if several and not self.schedule:
             raise ValueError("schedule must hold at least one schedule, got ()")
@@ -425,6 +435,6 @@ def ema(
     names = None
     if isinstance(schedule, Mapping):
         names, schedule = tuple(schedule), tuple(schedule.values())
-    elif isinstance(schedule, Sequence):
-        schedule = tuple(schedule)
+    elif isinstance(schedule, Sequence) and not isinstance(schedule, str):
+        schedule = tuple(schedule)  # a str is a Sequence too: left whole for the message
     return Ema(schedule=schedule, ema_dtype=ema_dtype, nonfinite=nonfinite, names=names)

@@ -12,6 +12,7 @@ protocol, and a family written outside the package, are in ``docs/schedules.md``
 from ema_jax.schedules._base import REGISTRY
 from ema_jax.schedules._base import Plan
 from ema_jax.schedules._base import Schedule
+from ema_jax.schedules._base import real
 from ema_jax.schedules._base import register
 from ema_jax.schedules._constant import Constant
 from ema_jax.schedules._constant import constant
@@ -47,6 +48,7 @@ __all__ = [
     "halflife",
     "power_function",
     "pycls",
+    "real",
     "register",
     "sigma_rel_of_gamma",
     "tf_warmup",

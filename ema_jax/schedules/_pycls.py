@@ -69,7 +69,9 @@ class Pycls(Schedule):
       ema_alpha: base rate per sample and epoch of schedule, pycls's ``EMA_ALPHA``
         (1e-5 for ImageNet, 2.5e-4 for CIFAR recipes); 0 freezes the EMA.
       batch_size: global batch size, all devices together, per optimizer step.
-      max_epoch: schedule length in epochs.
+      max_epoch: schedule length in epochs. A fraction is accepted (a run that ends
+        mid-epoch); pycls's ``MAX_EPOCH`` is an integer, and :func:`ema_jax.explain`
+        notes a fractional one (tag ``epochs:``).
       update_period: update every this many optimizer steps (0 turns the EMA off).
       warmup_epochs: epochs during which the EMA copies the parameters.
       steps_per_epoch: optimizer steps per epoch; needed for warmup and for the
