@@ -180,10 +180,8 @@ def run_python(code: str) -> str:
 
 
 def test_import_ema_jax_loads_no_flax_orbax_tensorstore_or_optax():
-    loaded = run_python(
-        "import sys, ema_jax\n"
-        "print(sorted({m.split('.')[0] for m in sys.modules} & set(%r)))" % (HEAVY,)
-    )
+    code = "import sys, ema_jax\nprint(sorted({m.split('.')[0] for m in sys.modules} & set(HEAVY)))"
+    loaded = run_python(code.replace("HEAVY", repr(HEAVY)))
     assert loaded.strip() == "[]"
 
 
