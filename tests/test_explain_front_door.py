@@ -68,6 +68,7 @@ def test_several_averages_give_one_report_of_one_per_average():
         report["medium"]
 
 
+@pytest.mark.bad_input
 def test_explain_refuses_what_it_cannot_explain():
     with pytest.raises(TypeError, match=r"explain takes a schedule from ema_jax\.schedules or an"):
         ema_jax.explain(0.999)

@@ -56,6 +56,7 @@ def test_each_family_builds_its_example_and_round_trips_its_settings(name):
     json.dumps(example.settings(), allow_nan=False)
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("name", FAMILIES)
 @pytest.mark.parametrize("bad", [-1, 2.5, "4", True])
 def test_update_period_is_checked_by_the_base_class_for_every_family(name, bad):
@@ -145,6 +146,7 @@ def test_the_former_hook_names_still_work_both_ways():
         Nothing().alpha_at(0)
 
 
+@pytest.mark.bad_input
 def test_register_refuses_what_is_not_a_family():
     with pytest.raises(TypeError, match=r"subclass of ema_jax\.schedules\.Schedule"):
         schedules.register(dict)
@@ -235,6 +237,13 @@ def test_explain_and_the_command_line_take_the_outside_family(cosine, capsys):
     assert "decay_end=0.99" in capsys.readouterr().out
 
 
+def test_docs_schedules_md_shows_the_example_family_as_it_is():
+    example = EXAMPLE.read_text(encoding="utf-8")
+    family = example[example.index("@register") : example.index("cosine_decay = CosineDecay")]
+    doc = (ROOT / "docs" / "schedules.md").read_text(encoding="utf-8")
+    assert f"```python\n{family}cosine_decay = CosineDecay\n```" in doc
+
+
 def test_the_example_script_runs(cosine, capsys):
     cosine.main()
     out = capsys.readouterr().out
@@ -277,6 +286,7 @@ def test_explain_help_lists_every_family_and_shows_choices_not_n(capsys):
 # -- issue 21's smaller items -------------------------------------------------------
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("value", ["constant", "pycls", ("constant",)])
 def test_a_schedule_name_is_named_whole_with_how_to_build_one(value):
     name = value if isinstance(value, str) else value[0]
@@ -286,6 +296,7 @@ def test_a_schedule_name_is_named_whole_with_how_to_build_one(value):
     assert f"schedules.{name}(...)" in str(error.value)
 
 
+@pytest.mark.bad_input
 def test_an_unknown_schedule_name_lists_the_families():
     with pytest.raises(
         TypeError, match=re.escape("got 'cosine'; a name is not a schedule, and the")
@@ -308,6 +319,7 @@ def test_a_fractional_max_epoch_is_accepted_and_explain_says_so(capsys):
     )
 
 
+@pytest.mark.bad_input
 def test_linen_precise_batch_stats_points_an_nnx_model_to_the_nnx_function():
     from flax import nnx
 

@@ -14,6 +14,7 @@ from ema_jax.schedules._base import Plan
 from ema_jax.schedules._base import Schedule
 from ema_jax.schedules._base import real
 from ema_jax.schedules._base import register
+from ema_jax.schedules._base import steps_since_update
 from ema_jax.schedules._constant import Constant
 from ema_jax.schedules._constant import constant
 from ema_jax.schedules._edm import Halflife
@@ -51,6 +52,7 @@ __all__ = [
     "real",
     "register",
     "sigma_rel_of_gamma",
+    "steps_since_update",
     "tf_warmup",
     "warmup_power",
 ]
