@@ -230,8 +230,9 @@ def register(cls: type[S]) -> type[S]:
     """Registers a schedule family (a class decorator): the one line a new family needs.
 
     Put it above ``@dataclasses.dataclass``. The family must subclass
-    :class:`Schedule`, be a dataclass with an ``update_period`` field, set ``name``
-    and build an instance from :meth:`Schedule.example`.
+    :class:`Schedule`, be a dataclass with an ``update_period`` field and set
+    ``name`` (an identifier); its :meth:`Schedule.example` should build a typical
+    instance (tests/test_schedule_protocol.py runs every registered family's).
 
     Raises:
       TypeError: ``cls`` is not such a family.
