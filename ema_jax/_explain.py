@@ -50,6 +50,15 @@ class AveragesReport(Report):
     average ``k``; iterating gives them in order, as the tuple that ``Ema.explain()``
     returned before. ``warnings`` are theirs, each prefixed with the average's name
     (or index).
+
+    Example:
+      >>> import ema_jax
+      >>> from ema_jax import schedules
+      >>> ema = ema_jax.ema({"fast": schedules.constant(0.9),
+      ...                    "slow": schedules.constant(0.999)})
+      >>> report = ema.explain()
+      >>> report["slow"] == ema_jax.explain(schedules.constant(0.999)), len(report)
+      (True, 2)
     """
 
     names: tuple[str, ...] | None

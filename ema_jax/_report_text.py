@@ -23,6 +23,13 @@ class Report:
     hyperparameters (:class:`~ema_jax.EmaReport`), any other schedule
     (:class:`~ema_jax.ScheduleReport`) or an EMA of several averages (one report per
     average, under ``averages``).
+
+    Example:
+      >>> import json, ema_jax
+      >>> from ema_jax import schedules
+      >>> report = ema_jax.explain(schedules.constant(0.999), total_steps=10_000)
+      >>> isinstance(report, ema_jax.Report), json.loads(report.to_json())["schedule"]
+      (True, 'constant')
     """
 
     warnings: tuple[str, ...]
