@@ -1,7 +1,8 @@
 """What any schedule means over a run: its step sizes, half-lives and warnings.
 
-Host-side float64 NumPy over the schedule's own formulas (``Schedule._alpha``), the
-same ones the jitted update evaluates; pycls's own report is :mod:`ema_jax._report`.
+Host-side float64 NumPy over the schedule's own formulas (``Schedule.step_size``), the
+same ones the jitted update evaluates; pycls's own report is :mod:`ema_jax._report`,
+and :func:`ema_jax.explain` (``ema_jax/_explain.py``) the front door to both.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import ml_dtypes
 import numpy as np
 
 from ema_jax import _validate
+from ema_jax._report_text import Report
 from ema_jax._report_text import format_schedule_report
-from ema_jax._report_text import json_ready
 from ema_jax.schedules import Constant
 from ema_jax.schedules import Schedule
 
@@ -43,8 +44,8 @@ WARN_BIAS = (
 
 
 @dataclasses.dataclass(frozen=True)
-class ScheduleReport:
-    """What a schedule means over a run; built by :func:`ema_jax.explain`.
+class ScheduleReport(Report):
+    """What a schedule means over a run: the :class:`Report` of any schedule but pycls.
 
     ``str(report)`` is a table for people, ``report.to_dict()`` a JSON-ready dict.
     "At the end" is the last update of the run (of ``total_steps`` optimizer steps);
@@ -76,10 +77,6 @@ class ScheduleReport:
     min_registered_gap: float | None
     warnings: tuple[str, ...]
 
-    def to_dict(self) -> dict[str, Any]:
-        """The fields as a JSON-ready dict: infinities and NaN become None."""
-        return json_ready(self)
-
     def __str__(self) -> str:
         return format_schedule_report(self)
 
@@ -101,14 +98,14 @@ def _curve_steps(total: int, k: int) -> list[int]:
 def _alphas(schedule: Schedule, calls: np.ndarray) -> np.ndarray:
     """The step sizes of updates at ``calls`` (1.0 where they copy), float64."""
     with np.errstate(all="ignore"):
-        alpha = np.broadcast_to(np.asarray(schedule._alpha(calls, np), np.float64), calls.shape)
-    copies = np.broadcast_to(np.asarray(schedule._copies(calls, np), bool), calls.shape)
+        alpha = np.broadcast_to(np.asarray(schedule.step_size(calls, np), np.float64), calls.shape)
+    copies = np.broadcast_to(np.asarray(schedule.copies_at(calls, np), bool), calls.shape)
     return np.where(copies, 1.0, alpha)
 
 
 def fixed_point_bias(schedule: Schedule, compute_dtype: np.dtype) -> float | None:
     """``fl(1 - decay) / (1 - fl(decay)) - 1`` for the two-weight blend, else None."""
-    keep = schedule._keep()
+    keep = schedule.keep_weight()
     if keep is None or compute_dtype == np.float64:
         return None
     new_weight = float(np.asarray(1.0 - keep, compute_dtype))

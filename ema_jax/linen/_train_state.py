@@ -52,8 +52,8 @@ class EmaTrainState(train_state.TrainState):
       >>> import ema_jax
       >>> model = nn.Dense(2)
       >>> params = model.init(jax.random.key(0), jnp.ones((1, 3)))["params"]
-      >>> ema = ema_jax.normalized_ema(ema_alpha=1e-3, batch_size=32, max_epoch=10,
-      ...                              update_period=1)
+      >>> ema = ema_jax.ema(ema_jax.schedules.pycls(ema_alpha=1e-3, batch_size=32,
+      ...                                               max_epoch=10, update_period=1))
       >>> state = ema_jax.EmaTrainState.create(
       ...     apply_fn=model.apply, params=params, tx=optax.sgd(0.1), ema=ema)
       >>> grads = jax.tree.map(jnp.ones_like, params)
@@ -179,7 +179,8 @@ class EmaTrainState(train_state.TrainState):
           ...         return nn.BatchNorm(use_running_average=not train)(nn.Dense(2)(x))
           >>> model = Net()
           >>> variables = model.init(jax.random.key(0), jnp.ones((1, 3)))
-          >>> ema = ema_jax.normalized_ema(ema_alpha=1e-3, batch_size=4, max_epoch=10)
+          >>> ema = ema_jax.ema(ema_jax.schedules.pycls(ema_alpha=1e-3, batch_size=4,
+          ...                                               max_epoch=10))
           >>> state = ema_jax.EmaTrainState.create(
           ...     apply_fn=model.apply, params=variables["params"],
           ...     batch_stats=variables["batch_stats"], tx=optax.sgd(0.1), ema=ema)

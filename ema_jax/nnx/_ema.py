@@ -150,8 +150,8 @@ class Ema(nnx.Pytree):
       >>> from ema_jax import nnx as ema_nnx
       >>> model = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
       >>> optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
-      >>> ema = ema_nnx.Ema(model, ema_jax.normalized_ema(
-      ...     ema_alpha=1e-3, batch_size=32, max_epoch=10, update_period=1))
+      >>> ema = ema_nnx.Ema(model, ema_jax.ema(ema_jax.schedules.pycls(
+      ...     ema_alpha=1e-3, batch_size=32, max_epoch=10, update_period=1)))
       >>> ema_model = ema.apply_to(model)  # evaluates with the averages, follows updates
       >>> @nnx.jit(donate_argnums=(0, 1, 2))
       ... def train_step(model, optimizer, ema, x, y):
@@ -258,8 +258,8 @@ class Ema(nnx.Pytree):
           >>> model = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
           >>> tx = optax.MultiSteps(optax.sgd(0.1), every_k_schedule=4)  # 4 micro-batches
           >>> optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-          >>> ema = ema_nnx.Ema(model, ema_jax.normalized_ema(
-          ...     ema_alpha=1e-3, batch_size=32, max_epoch=10, update_period=1))
+          >>> ema = ema_nnx.Ema(model, ema_jax.ema(ema_jax.schedules.pycls(
+          ...     ema_alpha=1e-3, batch_size=32, max_epoch=10, update_period=1)))
           >>> @nnx.jit(donate_argnums=(0, 1, 2))
           ... def train_step(model, optimizer, ema, x, y):
           ...     grads = nnx.grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)

@@ -10,8 +10,10 @@ from ema_jax import _validate
 from ema_jax.schedules._base import Scalar
 from ema_jax.schedules._base import Schedule
 from ema_jax.schedules._base import real
+from ema_jax.schedules._base import register
 
 
+@register
 @dataclasses.dataclass(frozen=True)
 class Constant(Schedule):
     r"""A constant decay: every ``update_period`` calls, ``ema = decay * ema + (1 - decay) * p``.
@@ -84,6 +86,10 @@ class Constant(Schedule):
 
     def _keep(self) -> float | None:
         return None if self.debias else self.decay
+
+    @classmethod
+    def example(cls) -> Constant:
+        return cls(0.999)
 
 
 constant = Constant
