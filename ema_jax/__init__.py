@@ -2,6 +2,7 @@
 
 from ema_jax import posthoc
 from ema_jax import schedules
+from ema_jax._bema import bema
 from ema_jax._normalized import NormalizedEma
 from ema_jax._normalized import normalized_ema
 from ema_jax._report import EmaReport
@@ -30,6 +31,7 @@ __all__ = [
     "EmaTrainState",
     "NormalizedEma",
     "ScheduleReport",
+    "bema",
     "ema",
     "explain",
     "normalized_ema",

@@ -760,3 +760,56 @@ def torch_averaged_model_ema(
         ema = _map(blend, ema, model)
         out.append(ema)
     return out
+
+
+# --- 10. TRL BEMACallback ---------------------------------------------------------------
+
+
+def trl_bema(
+    trajectory: Sequence[Tree],
+    *,
+    update_freq: int = 400,
+    ema_power: float = 0.5,
+    bias_power: float = 0.2,
+    lag: int = 10,
+    update_after: int = 0,
+    multiplier: float = 1.0,
+    min_ema_multiplier: float = 0.0,
+) -> list[Tree]:
+    """TRL ``BEMACallback``: its ``running_model`` after each ``on_step_end``.
+
+    Source: huggingface/trl ``trl/trainer/callbacks.py``, class ``BEMACallback`` ("Code
+    from https://github.com/abblock/bema under MIT license"; the stored copy read here has
+    no line numbers, so the methods are named): ``on_train_begin`` loads the model's
+    state_dict into ``running_model`` and sets "theta0 = param.detach().clone()" and
+    "self.ema_params.append(theta0.clone())  # initialize EMA with θ₀" for every parameter
+    that requires grad; ``_ema_beta``: "beta = (self.lag + self.multiplier * step) **
+    (-self.ema_power)", "return max(beta, self.min_ema_multiplier)"; ``_bema_alpha``:
+    "(self.lag + self.multiplier * step) ** (-self.bias_power)"; ``_update_bema_weights``:
+    "ema.mul_(1 - beta).add_(thetat, alpha=beta)", "run_param.copy_(ema + alpha *
+    (thetat - theta0))"; ``on_step_end``: "step = state.global_step", "if step <
+    self.update_after: return", "if step == self.update_after:" copy θₜ into theta0 and
+    the EMA (the running model is left as it is), "elif (step - self.update_after) %
+    self.update_freq == 0: self._update_bema_weights(step)".
+
+    ``on_step_end`` runs after each optimizer step with ``global_step`` already
+    incremented, so at our call i, step = i + 1; with update_after = 0 the snapshot
+    branch never runs (global_step >= 1) and theta0 is the initial model. Every leaf here
+    stands for a trainable parameter; float64 throughout.
+    """
+    theta0 = _copy64(trajectory[0])
+    ema = _copy64(trajectory[0])
+    running = _copy64(trajectory[0])
+    out = []
+    for i, model in enumerate(trajectory[1:]):
+        step = i + 1
+        if step == update_after:
+            theta0 = _copy64(model)
+            ema = _copy64(model)
+        elif step > update_after and (step - update_after) % update_freq == 0:
+            beta = max((lag + multiplier * step) ** (-ema_power), min_ema_multiplier)
+            alpha = (lag + multiplier * step) ** (-bias_power)
+            ema = _map(lambda e, t, b=beta: e * (1 - b) + b * t, ema, model)
+            running = _map(lambda e, t, t0, a=alpha: e + a * (t - t0), ema, model, theta0)
+        out.append(running)
+    return out

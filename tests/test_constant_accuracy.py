@@ -83,7 +83,7 @@ def test_the_lerp_form_keeps_a_constant_parameter_exactly():
 
 
 def test_the_nnx_form_is_not_debiased():
-    with pytest.raises(ValueError, match="form='nnx'.*debias"):
+    with pytest.raises(ValueError, match=r"form='nnx'.*debias"):
         schedules.constant(0.9, debias=True, form="nnx")
     with pytest.raises(ValueError, match="form must be one of"):
         schedules.constant(0.9, form="flax")

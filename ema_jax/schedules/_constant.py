@@ -1,4 +1,4 @@
-"""A constant decay, as timm, torch and ``optax.incremental_update`` (or ``nnx.EMA``), optionally debiased."""
+"""A constant decay, as timm, torch, optax (or flax ``nnx.EMA``), optionally debiased."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from ema_jax.schedules._base import Schedule
 from ema_jax.schedules._base import real
 
 FORMS = ("lerp", "nnx")  # how an update blends: ema + alpha * (p - ema), or nnx.EMA's order
+
 
 @dataclasses.dataclass(frozen=True)
 class Constant(Schedule):
