@@ -41,10 +41,11 @@ HELP = {
     "warmup_epochs": "pycls: epochs during which the EMA copies the weights",
     "steps_per_epoch": "pycls: optimizer steps per epoch",
     "rule": "pycls: the alpha the half-lives use: linear (pycls) or exact",
+    "form": "constant: how it blends, lerp (default) or nnx (flax nnx.EMA's, bit for bit)",
     "dataset_size": "pycls: samples per epoch; steps_per_epoch = dataset_size // batch_size",
     "total_steps": "optimizer steps in the run (for the share of training)",
 }
-CHOICES = {"rule": schedules._pycls.RULES}
+CHOICES = {"rule": schedules._pycls.RULES, "form": schedules._constant.FORMS}
 EXTRA = ("dataset_size", "total_steps")  # explain's own options
 
 
