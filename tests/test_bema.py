@@ -228,3 +228,16 @@ def test_nnx_ema_runs_bema_as_the_transform_alone():
     # The buffers are in nnx.state(ema), so an NNX checkpoint of the EMA holds them.
     names = {str(path[0]) for path, _ in nnx.to_flat_state(nnx.state(ema))}
     assert {"params", "buffers"} <= names
+
+
+def test_donated_update_aliases_every_buffer_and_compiles_once():
+    b = ema_jax.bema(update_period=3, update_after=2)
+    params = {"w": jnp.ones((64, 64)), "b": jnp.zeros(64)}
+    state = b.init(params)
+    update = jax.jit(b.update, donate_argnums=1)
+    memory = update.lower(params, state).compile().memory_analysis()
+    state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+    assert memory.alias_size_in_bytes == state_bytes  # written in place, all five fields
+    for i in range(7):
+        state = update(jax.tree.map(lambda x, i=i: x + i, params), state)
+    assert update._cache_size() == 1 and int(state.step) == 7
