@@ -901,7 +901,7 @@ def keras_ema(
     optimizer's change to the model at step i (the model may have been overwritten with
     the EMA before it), ``start`` the initial model.
 
-    Source: keras-team/keras ``keras/src/optimizers/base_optimizer.py`` (commit da84de5):
+    Source: keras-team/keras ``keras/src/optimizers/base_optimizer.py`` (commit 001750d):
     ``_update_model_variables_moving_average``: "not_first_step =
     ops.not_equal(self.iterations, 0)", "momentum = ops.cast(not_first_step, var.dtype) *
     self.ema_momentum", "average.assign(momentum * average + (1 - momentum) * var)";
