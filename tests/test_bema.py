@@ -241,3 +241,19 @@ def test_donated_update_aliases_every_buffer_and_compiles_once():
     for i in range(7):
         state = update(jax.tree.map(lambda x, i=i: x + i, params), state)
     assert update._cache_size() == 1 and int(state.step) == 7
+
+
+def test_bf16_parameters_with_a_float32_ema_keep_every_buffer_in_float32():
+    b = ema_jax.bema(update_period=1, ema_dtype=jnp.float32)
+    params = {"w": jnp.linspace(0, 1, 8, dtype=jnp.bfloat16), "n": jnp.zeros((), jnp.int32)}
+    state = b.init(params)
+    state = jax.jit(b.update)(jax.tree.map(lambda x: x + 1, params), state)
+    for field in ("ema", "mean", "theta0"):
+        assert getattr(state, field)["w"].dtype == jnp.float32
+        assert getattr(state, field)["n"].dtype == jnp.int32
+    assert int(state.ema["n"]) == 1  # integer leaves are copied at an update, as in ema()
+    # t = 1: beta = 11**-0.5, alpha = 11**-0.2; the output is mean + alpha * (p - theta0).
+    p0 = np.asarray(params["w"], np.float64)
+    p1 = np.asarray(params["w"] + 1, np.float64)  # rounded to bf16, as the model holds it
+    mean = p0 + 11**-0.5 * (p1 - p0)
+    np.testing.assert_allclose(state.ema["w"], mean + 11**-0.2 * (p1 - p0), rtol=0, atol=1e-6)
