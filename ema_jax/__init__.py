@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from typing import Any
 
 from ema_jax import schedules
+from ema_jax._bema import bema
 from ema_jax._explain import AveragesReport
 from ema_jax._explain import EmaReport
 from ema_jax._explain import Report
@@ -63,6 +64,7 @@ __all__ = [
     "NormalizedEma",
     "Report",
     "ScheduleReport",
+    "bema",
     "ema",
     "explain",
     "normalized_ema",

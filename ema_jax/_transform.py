@@ -254,8 +254,8 @@ class Ema:
 
         Call number ``i = state.step`` asks the schedule whether to update and with
         which step size ``alpha``; if so, averaged leaves become
-        ``ema + alpha * (params - ema)`` (or, for :func:`schedules.constant`, flax's
-        ``decay * ema + (1 - decay) * params``), or exactly ``params`` where the
+        ``ema + alpha * (params - ema)`` (or, for ``schedules.constant(form="nnx")``,
+        flax's ``decay * ema + (1 - decay) * params``), or exactly ``params`` where the
         schedule copies; integer and bool leaves are copied. Other calls leave the
         EMA untouched and cost next to nothing (``lax.cond``). ``step`` always
         advances.
@@ -301,7 +301,7 @@ class Ema:
         if all(p.update is False for p in plans):
             return Plan(False, 0.0, False)
         updates = jnp.stack([jnp.asarray(p.update, bool) for p in plans])
-        alpha = jnp.where(updates, jnp.stack([jnp.asarray(p.alpha, jnp.float32) for p in plans]), 0)
+        alpha = jnp.where(updates, jnp.stack([jnp.asarray(p.alpha, float) for p in plans]), 0)
         copy: bool | jax.Array = False
         if any(p.copy is not False for p in plans):
             copy = updates & jnp.stack([jnp.asarray(p.copy, bool) for p in plans])

@@ -228,7 +228,7 @@ def run_beside_nnx_ema(nonfinite: str) -> tuple[list, list, float]:
 
     model = nnx.Linear(5, 4, rngs=nnx.Rngs(0))
     theirs = nnx.EMA(model, 0.999, only=nnx.Param)
-    ours = ema_jax.ema(schedules.constant(0.999), nonfinite=nonfinite)
+    ours = ema_jax.ema(schedules.constant(0.999, form="nnx"), nonfinite=nonfinite)
     state = ours.init(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
     @nnx.jit
@@ -447,7 +447,11 @@ def test_explain_reports_every_schedule_from_its_own_formulas(schedule):
 
 
 def test_explain_warns_about_the_two_weight_blend_at_high_decays():
-    report = ema_jax.explain(schedules.constant(0.999999))
+    report = ema_jax.explain(schedules.constant(0.999999, form="nnx"))
     assert report.fixed_point_bias == pytest.approx(1e-6 / (1 - float(np.float32(0.999999))) - 1)
     assert [w for w in report.warnings if w.startswith("bias:")]
-    assert not ema_jax.explain(schedules.constant(0.999)).warnings
+    assert not ema_jax.explain(schedules.constant(0.999, form="nnx")).warnings
+    # The default lerp form has no fixed-point bias to report.
+    default = ema_jax.explain(schedules.constant(0.999999))
+    assert default.fixed_point_bias is None
+    assert not [w for w in default.warnings if w.startswith("bias:")]

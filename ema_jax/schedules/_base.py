@@ -34,15 +34,19 @@ class Plan(NamedTuple):
     """
 
     update: bool | jax.Array  # shape=(), bool: does this call change the EMA?
-    alpha: float | jax.Array  # shape=(), float32: its step size (1: the parameters)
+    alpha: float | jax.Array  # shape=(), JAX's default float: its step size (1: the parameters)
     copy: bool | jax.Array  # shape=(), bool: the EMA becomes exactly the parameters
     keep: float | jax.Array | None = None  # the old EMA's weight when not 1 - alpha
     applied: jax.Array | None = None  # several averages: which of them this call updates
 
 
 def real(i: Scalar, xp: Any) -> Any:
-    """The call index as a float: float32 under jit (``xp=jnp``), float64 on the host."""
-    return xp.asarray(i, jnp.float32 if xp is jnp else np.float64)
+    """The call index as a float: float64 on the host, JAX's default float under jit.
+
+    Under jit (``xp=jnp``) that is float32, or float64 under ``jax_enable_x64``: a float64
+    EMA then gets a float64 step size.
+    """
+    return xp.asarray(i, float if xp is jnp else np.float64)
 
 
 def steps_since_update(i: Scalar, update_period: int, xp: Any) -> Any:
