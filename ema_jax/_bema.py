@@ -142,6 +142,7 @@ class Bema:
     """The plain EMA inside (``mean``), under ``schedule``."""
 
     several = False
+    names = None
     state_class = BemaState
 
     def __post_init__(self) -> None:

@@ -145,6 +145,16 @@ def test_explain_reports_the_ema_step_size():
         assert alpha == pytest.approx((10 + step + 1) ** -0.5, rel=1e-12)
 
 
+def test_explain_counts_updates_on_bemas_own_cadence():
+    # update_after=17, period 5: TRL updates at global steps 17, 22, ... (calls 16, 21, ...)
+    b = ema_jax.bema(update_period=5, update_after=17)
+    report = ema_jax.explain(b, total_steps=1000)
+    calls = [i for i in range(1000) if b.schedule.alpha_at(i) is not None]
+    assert calls[:2] == [16, 21] and report.updates_total == len(calls) == 197
+    assert report.copy_updates == 1  # the snapshot at update_after
+    assert report.alpha_end == pytest.approx(b.schedule.alpha_at(calls[-1]), rel=1e-12)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
