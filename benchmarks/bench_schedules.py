@@ -75,8 +75,8 @@ def section_default(params: Any, rounds: int) -> dict[str, Any]:
             ema_jax.ema(schedules.warmup_power()),
         ),
         "constant": (
-            "ema(constant(0.9999)), default: nnx.EMA's blend",
-            ema_jax.ema(schedules.constant(0.9999)),
+            "ema(constant(0.9999, form='nnx')), default: nnx.EMA's blend",
+            ema_jax.ema(schedules.constant(0.9999, form="nnx")),
         ),
     }
     for key, (label, ema) in variants.items():

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import ml_dtypes
 
-from ema_jax import _report as _explain
+from ema_jax import _explain
 from ema_jax.schedules import _pycls as _schedule
 
 import generated_blocks

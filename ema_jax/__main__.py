@@ -12,39 +12,31 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import inspect
+import re
 import sys
+import textwrap
+import typing
 from typing import Any
 from typing import NoReturn
 
-from ema_jax import _report
+from ema_jax import _explain
 from ema_jax import schedules
-from ema_jax.posthoc import _cli as _posthoc_cli
 
-SCHEDULES: dict[str, type[schedules.Schedule]] = {
-    cls.name: cls
-    for cls in (
-        schedules.Pycls,
-        schedules.Constant,
-        schedules.WarmupPower,
-        schedules.TfWarmup,
-        schedules.PowerFunction,
-        schedules.Halflife,
-        schedules.FractionOfTraining,
-    )
-}
-HELP = {
-    "ema_alpha": "pycls: base rate, EMA_ALPHA (1e-5 ImageNet, 2.5e-4 CIFAR)",
+
+def _families() -> dict[str, type[schedules.Schedule]]:
+    """Every registered schedule family (:data:`ema_jax.schedules.REGISTRY`), pycls first."""
+    registry = schedules.REGISTRY
+    return {"pycls": registry["pycls"], **{n: c for n, c in registry.items() if n != "pycls"}}
+
+
+SCHEDULES = _families()  # the families registered when this module was imported
+HELP = {  # explain's own options and shared ones; a family's come from its docstring's Args
     "batch_size": "global batch size per optimizer step, all devices together",
-    "max_epoch": "pycls: schedule length in epochs",
     "update_period": "update the EMA every this many optimizer steps",
-    "warmup_epochs": "pycls: epochs during which the EMA copies the weights",
-    "steps_per_epoch": "pycls: optimizer steps per epoch",
-    "rule": "pycls: the alpha the half-lives use: linear (pycls) or exact",
     "dataset_size": "pycls: samples per epoch; steps_per_epoch = dataset_size // batch_size",
     "total_steps": "optimizer steps in the run (for the share of training)",
 }
-CHOICES = {"rule": schedules._pycls.RULES}
 EXTRA = ("dataset_size", "total_steps")  # explain's own options
 
 
@@ -65,18 +57,54 @@ def _number(name: str, text: str) -> int | float:
     raise ValueError(f"{name} must be a number, got {text!r}")
 
 
-def _options() -> dict[str, dict[str, Any]]:
-    """Every schedule's hyperparameters: which schedules take each, and whether required."""
+def _documented_args(cls: type) -> dict[str, str]:
+    """``{argument: its first sentence}`` from the "Args:" section of ``cls``'s docstring."""
+    doc = inspect.getdoc(cls) or ""
+    section = re.search(r"^Args:\n((?:[ ]+.*\n?|\n)*)", doc, re.MULTILINE)
+    helps: dict[str, str] = {}
+    name = None
+    for line in (section.group(1) if section else "").splitlines():
+        entry = re.match(r"^  (\w+): (.*)", line)
+        if entry:
+            name, helps[entry.group(1)] = entry.group(1), entry.group(2)
+        elif name is not None and line.startswith("    "):
+            helps[name] += " " + line.strip()
+    return {n: _plain(h.split("; ")[0]) for n, h in helps.items()}
+
+
+def _plain(text: str) -> str:
+    """Docstring text for the terminal: no reST quotes, no final period."""
+    return " ".join(text.replace("``", "").split()).rstrip(".")
+
+
+def _kind(annotation: Any) -> tuple[str, tuple[str, ...] | None]:
+    """How a field reads from the command line: "bool", "int", "real" or "choice"."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return "choice", tuple(typing.get_args(annotation))
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    if typing.get_origin(args[0]) is typing.Literal:
+        return "choice", tuple(typing.get_args(args[0]))
+    if args[0] is bool:
+        return "bool", None
+    return ("int", None) if args[0] is int else ("real", None)
+
+
+def _options(families: dict[str, type[schedules.Schedule]] | None = None) -> dict[str, Any]:
+    """Every family's hyperparameters: the families that take each, which require it,
+    how it reads, and its help (from the first family whose docstring describes it)."""
     options: dict[str, dict[str, Any]] = {}
-    for name, cls in SCHEDULES.items():
+    for name, cls in (families or _families()).items():
+        hints = typing.get_type_hints(cls)
+        documented = _documented_args(cls)
         for field in dataclasses.fields(cls):  # type: ignore[arg-type]  # dataclasses all
             if not field.init:
                 continue
-            entry = options.setdefault(field.name, {"schedules": [], "required": []})
+            entry = options.setdefault(field.name, {"schedules": [], "required": [], "help": None})
             entry["schedules"].append(name)
             if field.default is dataclasses.MISSING:
                 entry["required"].append(name)
-            entry["bool"] = field.type in ("bool", bool)
+            entry["kind"], entry["choices"] = _kind(hints[field.name])
+            entry["help"] = HELP.get(field.name) or entry["help"] or documented.get(field.name)
     return options
 
 
@@ -84,55 +112,79 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+METAVAR = {"int": "N", "real": "X"}
+
+
 def build_parser() -> argparse.ArgumentParser:
+    families = _families()
     parser = _Parser(
         prog="python -m ema_jax",
         description="Tools for the EMA of model weights.",
         allow_abbrev=False,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    listing = "\n".join(
+        f"  {name:<22} {_plain((inspect.getdoc(cls) or name).splitlines()[0])}"
+        for name, cls in families.items()
+    )
     explain = commands.add_parser(
         "explain",
         help="what an EMA schedule means: step sizes, half-lives, warnings",
-        description=(
+        description=textwrap.fill(
             "What an EMA schedule's hyperparameters mean, before a training run is spent on"
             " them. pycls (the default): the per-update alpha under both rules, the updates"
             " in the run, the half-life in updates, steps, samples, epochs and as a fraction"
             " of training, and warnings. Other schedules: the step sizes over the run, the"
-            " half-lives at its end, and warnings. The math is in docs/math.md."
+            " half-lives at its end, and warnings. The math is in docs/math.md; each"
+            " option names, in brackets, the schedules that take it.",
+            width=79,
         ),
+        epilog=f"schedules (--schedule NAME):\n{listing}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
     explain.add_argument(
-        "--schedule", choices=sorted(SCHEDULES), default="pycls", help="default: pycls"
+        "--schedule",
+        choices=list(families),
+        default="pycls",
+        metavar="NAME",
+        help=f"the schedule family, one of: {', '.join(families)} (default: pycls)",
     )
-    for name, entry in _options().items():
+    options = _options(families)
+    for name, entry in options.items():
         which = ", ".join(entry["schedules"])
-        help_text = f"{HELP.get(name, name.replace('_', ' '))} [{which}]"
-        if entry["bool"]:
+        help_text = f"{entry['help'] or name.replace('_', ' ')} [{which}]"
+        if entry["kind"] == "bool":
             explain.add_argument(
                 _flag(name), dest=name, action="store_true", default=None, help=help_text
             )
         else:
             explain.add_argument(
-                _flag(name), dest=name, metavar="N", choices=CHOICES.get(name), help=help_text
+                _flag(name),
+                dest=name,
+                metavar=None if entry["choices"] else METAVAR[entry["kind"]],
+                choices=entry["choices"],
+                help=help_text,
             )
     for name in EXTRA:
-        if name not in _options():
+        if name not in options:
             explain.add_argument(_flag(name), dest=name, metavar="N", help=HELP[name])
     explain.add_argument(
         "--dtype",
         default="float32",
+        metavar="DTYPE",
         help="the EMA's dtype, for the resolution check (default: float32; bfloat16, ...)",
     )
     explain.add_argument("--json", action="store_true", help="print one JSON object")
     explain.set_defaults(parser=explain)  # errors name the subcommand
+    from ema_jax.posthoc import _cli as _posthoc_cli  # orbax: only for this subcommand
+
     _posthoc_cli.add_parser(commands)
     return parser
 
 
-def _value(name: str, text: Any) -> Any:
-    if isinstance(text, bool) or name in CHOICES:
+def _value(name: str, text: Any, options: dict[str, Any]) -> Any:
+    if isinstance(text, bool) or options.get(name, {}).get("choices"):
         return text
     return _number(name, text)
 
@@ -141,8 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "posthoc":
+        from ema_jax.posthoc import _cli as _posthoc_cli
+
         return _posthoc_cli.main(args)
-    cls, options = SCHEDULES[args.schedule], _options()
+    cls, options = _families()[args.schedule], _options()
     given = {n: getattr(args, n) for n in [*options, *EXTRA] if getattr(args, n) is not None}
     required = [n for n, entry in options.items() if args.schedule in entry["required"]]
     missing = [_flag(n) for n in required if n not in given]
@@ -154,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     if foreign:
         args.parser.error(f"{', '.join(foreign)} does not apply to --schedule {args.schedule}")
     try:
-        values = {n: _value(n, v) for n, v in given.items()}
+        values = {n: _value(n, v, options) for n, v in given.items()}
         # An option that is the schedule's own hyperparameter goes to it, the rest to explain.
         hyper = {
             n: v
@@ -163,13 +217,13 @@ def main(argv: list[str] | None = None) -> int:
         }
         extra = {n: v for n, v in values.items() if n not in hyper}
         if args.schedule == "pycls":
-            report = _report.explain(**hyper, **extra, dtype=args.dtype)
+            report = _explain.explain(**hyper, **extra, dtype=args.dtype)
         else:
-            report = _report.explain(cls(**hyper), **extra, dtype=args.dtype)
+            report = _explain.explain(cls(**hyper), **extra, dtype=args.dtype)
     except (ValueError, TypeError) as error:
         args.parser.error(str(error))
     if args.json:
-        print(json.dumps(report.to_dict(), allow_nan=False))
+        print(report.to_json())
     else:
         print(report)
     return 0

@@ -28,11 +28,13 @@ def normalized_ema(
     skip_nonfinite: bool = True,
     count_nonfinite: bool = True,
 ) -> Ema:
-    r"""pycls's EMA of model weights, with a step size normalized by batch and schedule.
+    r"""pycls's EMA in one call: the compatibility form of ``ema(schedules.pycls(...))``.
 
     ``ema(schedules.pycls(...), ema_dtype=..., nonfinite=...)`` under the signature it
-    has always had: the hyperparameters are documented on
-    :class:`ema_jax.schedules.Pycls`. Every ``update_period`` optimizer steps (counted
+    has always had, kept (with its defaults) for code written against it; new code
+    writes ``ema_jax.ema(schedules.pycls(...))``, whose default guard
+    (``nonfinite="skip"``) does not count and is faster. The hyperparameters are
+    documented on :class:`ema_jax.schedules.Pycls`. Every ``update_period`` optimizer steps (counted
     within each epoch, so the first step of every epoch updates), the average moves
     towards the parameters:
 

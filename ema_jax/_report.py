@@ -1,4 +1,7 @@
-"""What pycls's EMA hyperparameters mean: alphas, update counts, half-lives, warnings.
+"""The report of a pycls schedule: alphas, update counts, half-lives, warnings.
+
+:func:`ema_jax.explain` (``ema_jax/_explain.py``) is the front door; this module
+builds its :class:`EmaReport` for pycls's schedule.
 
 Plain Python and NumPy, no JAX computations, so that the command line, notebooks and
 logs can show the numbers before a training run is spent on them. The math is in
@@ -15,11 +18,9 @@ from typing import Literal
 import ml_dtypes
 
 from ema_jax import _validate
+from ema_jax._report_text import Report
 from ema_jax._report_text import format_report
-from ema_jax._report_text import json_ready
 from ema_jax.schedules import Pycls
-from ema_jax.schedules import Schedule
-from ema_jax.schedules import pycls
 from ema_jax.schedules._pycls import alpha_exact
 from ema_jax.schedules._pycls import alpha_linear
 
@@ -55,6 +56,10 @@ WARN_WARMUP = (
     "warmup: warmup_epochs={warmup!r} covers the whole run (max_epoch={max_epoch!r}),"
     " so the EMA only copies the weights"
 )
+WARN_EPOCHS = (
+    "epochs: max_epoch={max_epoch!r} is not a whole number of epochs (pycls's MAX_EPOCH"
+    " is); it is taken as the schedule's length in the alpha{run}"
+)
 WARN_DTYPE = (
     "dtype: with alpha {alpha:.3g} and {dtype}'s resolution eps/2 = {half_eps:.3g},"
     " updates can round away unless |params - ema| > {gap:.3g} * |ema| (and do below half"
@@ -63,8 +68,8 @@ WARN_DTYPE = (
 
 
 @dataclasses.dataclass(frozen=True)
-class EmaReport:
-    """What a set of EMA hyperparameters means; built by :func:`explain`.
+class EmaReport(Report):
+    """What pycls's EMA hyperparameters mean: the :class:`Report` of a pycls schedule.
 
     ``str(report)`` is a table for people, ``report.to_dict()`` a JSON-ready dict.
     Fields that need the epoch length are None when neither ``steps_per_epoch`` nor
@@ -118,10 +123,6 @@ class EmaReport:
     """``eps / (2 * alpha)``: an update always registers when
     ``|params - ema| / |ema|`` exceeds this; below half of it, it always rounds away."""
     warnings: tuple[str, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        """The fields as a JSON-ready dict: infinities and NaN become None."""
-        return json_ready(self)
 
     def __str__(self) -> str:
         return format_report(self)
@@ -186,84 +187,6 @@ def half_life_in_updates(alpha: float) -> float:
     return math.log(2.0) / -math.log1p(-alpha)
 
 
-def explain(
-    schedule: Schedule | None = None,
-    /,
-    *,
-    dataset_size: int | None = None,
-    total_steps: int | None = None,
-    dtype: Any = "float32",
-    cadence: Cadence | None = None,
-    **pycls_hyperparameters: Any,
-) -> Any:
-    r"""What an EMA schedule means, before a training run is spent on it.
-
-    ``explain(schedule)`` reports on any schedule from :mod:`ema_jax.schedules`;
-    ``explain(ema_alpha=..., batch_size=..., max_epoch=..., ...)`` on pycls's
-    hyperparameters (those of :class:`ema_jax.schedules.Pycls`), as
-    ``explain(schedules.pycls(...))`` does. A pycls schedule gives an
-    :class:`EmaReport` (:func:`explain_pycls`); any other a
-    :class:`~ema_jax.ScheduleReport` (its step sizes over the run, half-lives, warnings).
-
-    Args:
-      schedule: the schedule; None builds ``schedules.pycls(**pycls_hyperparameters)``.
-      dataset_size: samples per epoch (pycls): gives ``steps_per_epoch =
-        dataset_size // batch_size`` when the schedule has none.
-      total_steps: optimizer steps in the run, for schedules that do not know it.
-      dtype: the EMA's dtype, for the resolution check ("float32", "bfloat16", ...).
-      cadence: pycls only: "epoch" restarts the update cadence every epoch, "run"
-        counts it over the whole run; None takes the schedule's own (and "epoch"
-        for hyperparameters given as keywords, as pycls does).
-      **pycls_hyperparameters: ``ema_alpha``, ``batch_size``, ``max_epoch``,
-        ``update_period``, ``warmup_epochs``, ``steps_per_epoch``, ``rule``.
-
-    Returns:
-      A report: ``print`` it, or log ``report.to_dict()``.
-
-    Raises:
-      ValueError: an argument out of range, named with its value.
-
-    Example:
-      >>> import ema_jax
-      >>> r = ema_jax.explain(ema_alpha=1e-5, batch_size=128, max_epoch=200,
-      ...                     dataset_size=1_281_167)
-      >>> r.steps_per_epoch, r.updates_per_epoch, r.warnings
-      (10009, 313, ())
-      >>> round(r.half_life_epochs, 1), round(r.half_life_fraction, 4)
-      (10.8, 0.0541)
-    """
-    if schedule is None:
-        spe = pycls_hyperparameters.get("steps_per_epoch")
-        if spe is None and dataset_size is not None and "batch_size" in pycls_hyperparameters:
-            batch = _validate.check_positive_real("batch_size", pycls_hyperparameters["batch_size"])
-            size = _validate.check_positive_int("dataset_size", dataset_size)
-            pycls_hyperparameters["steps_per_epoch"] = steps_per_epoch_from(size, batch)
-        schedule = pycls(**pycls_hyperparameters)
-        cadence = "epoch" if cadence is None else cadence
-    elif pycls_hyperparameters:
-        raise TypeError(
-            f"explain got a schedule and hyperparameters {sorted(pycls_hyperparameters)}:"
-            " pass one or the other"
-        )
-    if isinstance(schedule, Pycls):
-        if total_steps is not None:
-            raise ValueError(
-                f"total_steps={total_steps!r} does not apply to a pycls schedule: its run is"
-                " max_epoch epochs of steps_per_epoch steps"
-            )
-        if cadence is None:
-            cadence = "run" if schedule.steps_per_epoch is None else "epoch"
-        return explain_pycls(schedule, dataset_size=dataset_size, dtype=dtype, cadence=cadence)
-    if not isinstance(schedule, Schedule):
-        raise TypeError(f"schedule must be a schedule from ema_jax.schedules, got {schedule!r}")
-    for name, value in (("dataset_size", dataset_size), ("cadence", cadence)):
-        if value is not None:
-            raise ValueError(f"{name}={value!r} applies to pycls schedules only")
-    from ema_jax._report_schedule import explain_schedule
-
-    return explain_schedule(schedule, total_steps=total_steps, dtype=dtype)
-
-
 def explain_pycls(
     schedule: Pycls,
     *,
@@ -271,7 +194,7 @@ def explain_pycls(
     dtype: Any = "float32",
     cadence: Cadence = "epoch",
 ) -> EmaReport:
-    r"""What pycls's EMA hyperparameters mean: :func:`explain` of a pycls schedule.
+    r"""What pycls's EMA hyperparameters mean: :func:`ema_jax.explain` of a pycls schedule.
 
     With :math:`x = \text{ema\_alpha}\cdot n\cdot k/m` (batch size n, update period k,
     m epochs), the per-update step is :math:`\min(1, x)` (linear, pycls) or
@@ -344,6 +267,13 @@ def explain_pycls(
         warnings.append(
             WARN_CADENCE.format(per_epoch=per_epoch, spe=spe, k=k, speedup=speedup - 1.0)
         )
+    if max_epoch != math.floor(max_epoch):
+        run = (
+            ""
+            if spe is None
+            else f" and the run ends mid-epoch, after {_total_steps(max_epoch, spe)} steps"
+        )
+        warnings.append(WARN_EPOCHS.format(max_epoch=max_epoch, run=run))
     covered = warmup >= max_epoch
     if covered:
         warnings.append(WARN_WARMUP.format(warmup=warmup, max_epoch=max_epoch))

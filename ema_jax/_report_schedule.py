@@ -1,7 +1,8 @@
 """What any schedule means over a run: its step sizes, half-lives and warnings.
 
-Host-side float64 NumPy over the schedule's own formulas (``Schedule._alpha``), the
-same ones the jitted update evaluates; pycls's own report is :mod:`ema_jax._report`.
+Host-side float64 NumPy over the schedule's own formulas (``Schedule.step_size``), the
+same ones the jitted update evaluates; pycls's own report is :mod:`ema_jax._report`,
+and :func:`ema_jax.explain` (``ema_jax/_explain.py``) the front door to both.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import ml_dtypes
 import numpy as np
 
 from ema_jax import _validate
+from ema_jax._report_text import Report
 from ema_jax._report_text import format_schedule_report
-from ema_jax._report_text import json_ready
 from ema_jax.schedules import Constant
 from ema_jax.schedules import Schedule
 
+MAX_CALLS = 10**7  # calls scanned for the cadence; beyond, multiples of update_period
 MAX_UPDATES = 5_000_000  # beyond this many updates, the whole-run sums are not computed
 DTYPE_GAP_TOLERANCE = 0.05
 BIAS_TOLERANCE = 1e-3
@@ -43,8 +45,8 @@ WARN_BIAS = (
 
 
 @dataclasses.dataclass(frozen=True)
-class ScheduleReport:
-    """What a schedule means over a run; built by :func:`ema_jax.explain`.
+class ScheduleReport(Report):
+    """What a schedule means over a run: the :class:`Report` of any schedule but pycls.
 
     ``str(report)`` is a table for people, ``report.to_dict()`` a JSON-ready dict.
     "At the end" is the last update of the run (of ``total_steps`` optimizer steps);
@@ -76,10 +78,6 @@ class ScheduleReport:
     min_registered_gap: float | None
     warnings: tuple[str, ...]
 
-    def to_dict(self) -> dict[str, Any]:
-        """The fields as a JSON-ready dict: infinities and NaN become None."""
-        return json_ready(self)
-
     def __str__(self) -> str:
         return format_schedule_report(self)
 
@@ -98,17 +96,31 @@ def _curve_steps(total: int, k: int) -> list[int]:
     return sorted(s for s in on_updates if s < total)
 
 
+def _update_calls(schedule: Schedule, total: int) -> np.ndarray:
+    """The calls below ``total`` that update, by the schedule's own ``updates_at`` (int64).
+
+    A family may update off the multiples of ``update_period`` (BEMA from its
+    ``update_after`` on); past ``MAX_CALLS`` calls the multiples stand in.
+    """
+    if total > MAX_CALLS:
+        return np.arange(-(-total // schedule.update_period), dtype=np.int64) * (
+            schedule.update_period
+        )
+    calls = np.arange(total, dtype=np.int64)
+    return calls[np.broadcast_to(np.asarray(schedule.updates_at(calls), bool), calls.shape)]
+
+
 def _alphas(schedule: Schedule, calls: np.ndarray) -> np.ndarray:
     """The step sizes of updates at ``calls`` (1.0 where they copy), float64."""
     with np.errstate(all="ignore"):
-        alpha = np.broadcast_to(np.asarray(schedule._alpha(calls, np), np.float64), calls.shape)
-    copies = np.broadcast_to(np.asarray(schedule._copies(calls, np), bool), calls.shape)
+        alpha = np.broadcast_to(np.asarray(schedule.step_size(calls, np), np.float64), calls.shape)
+    copies = np.broadcast_to(np.asarray(schedule.copies_at(calls, np), bool), calls.shape)
     return np.where(copies, 1.0, alpha)
 
 
 def fixed_point_bias(schedule: Schedule, compute_dtype: np.dtype) -> float | None:
     """``fl(1 - decay) / (1 - fl(decay)) - 1`` for the two-weight blend, else None."""
-    keep = schedule._keep()
+    keep = schedule.keep_weight()
     if keep is None or compute_dtype == np.float64:
         return None
     new_weight = float(np.asarray(1.0 - keep, compute_dtype))
@@ -145,15 +157,17 @@ def explain_schedule(
     n_updates = copies = None
     alpha_end = h_updates = h_steps_end = h_samples = share_end = start = gap = None
     if total is not None:
-        n_updates = -(-total // k)
-        alpha_end = float(_alphas(schedule, np.array([(n_updates - 1) * k]))[0])
-        h_updates = _half_life(alpha_end)
-        h_steps_end = h_updates * k
-        h_samples = None if batch is None else h_steps_end * batch
-        share_end = h_steps_end / total
-        gap = eps / (2.0 * alpha_end) if alpha_end else math.inf
+        calls = _update_calls(schedule, total)
+        n_updates = int(calls.size)
+        if n_updates:
+            alpha_end = float(_alphas(schedule, calls[-1:])[0])
+            h_updates = _half_life(alpha_end)
+            h_steps_end = h_updates * k
+            h_samples = None if batch is None else h_steps_end * batch
+            share_end = h_steps_end / total
+            gap = eps / (2.0 * alpha_end) if alpha_end else math.inf
         if n_updates <= MAX_UPDATES:
-            alphas = _alphas(schedule, np.arange(n_updates, dtype=np.int64) * k)
+            alphas = _alphas(schedule, calls)
             copied = np.flatnonzero(alphas == 1.0)
             copies = int(copied.size)
             after = alphas[copied[-1] + 1 :] if copied.size else alphas
@@ -168,7 +182,7 @@ def explain_schedule(
     bias = fixed_point_bias(schedule, compute)
 
     warnings: list[str] = []
-    if copies is not None and copies == n_updates:
+    if copies is not None and n_updates and copies == n_updates:
         warnings.append(WARN_COPIES.format(total=total))
     elif start is not None and start > 0.5:
         warnings.append(WARN_HALF_LIFE.format(start=start))

@@ -1,8 +1,9 @@
-"""The human-readable table of an :class:`~ema_jax.EmaReport` (``str(report)``)."""
+"""What every report is (:class:`Report`: JSON and text), and the tables ``str(report)`` prints."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import TYPE_CHECKING
 from typing import Any
@@ -10,6 +11,39 @@ from typing import Any
 if TYPE_CHECKING:
     from ema_jax._report import EmaReport
     from ema_jax._report_schedule import ScheduleReport
+
+
+class Report:
+    """What :func:`ema_jax.explain` returns: a frozen dataclass with text and JSON forms.
+
+    ``str(report)`` is a table for people, ``report.to_dict()`` a JSON-ready dict
+    (infinities and NaN become None), ``report.to_json()`` that dict as one line of
+    JSON, and ``report.warnings`` the warnings, each starting with a fixed tag
+    ("clamp:", "dtype:", ...). The fields depend on what was explained: pycls's
+    hyperparameters (:class:`~ema_jax.EmaReport`), any other schedule
+    (:class:`~ema_jax.ScheduleReport`) or an EMA of several averages (one report per
+    average, under ``averages``).
+
+    Example:
+      >>> import json, ema_jax
+      >>> from ema_jax import schedules
+      >>> report = ema_jax.explain(schedules.constant(0.999), total_steps=10_000)
+      >>> isinstance(report, ema_jax.Report), json.loads(report.to_json())["schedule"]
+      (True, 'constant')
+    """
+
+    warnings: tuple[str, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict: infinities and NaN become None."""
+        return json_ready(self)
+
+    def to_json(self) -> str:
+        """:meth:`to_dict` as one line of strict JSON."""
+        return json.dumps(self.to_dict(), allow_nan=False)
+
+    def __str__(self) -> str:
+        raise NotImplementedError
 
 
 def json_ready(report: Any) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""A minute with `normalized_ema`: pycls's EMA of a noisy parameter, under jit.
+"""A minute with `ema(schedules.pycls(...))`: pycls's EMA of a noisy parameter, under jit.
 
 Run: python examples/quickstart.py
 """
@@ -9,18 +9,21 @@ import jax
 import jax.numpy as jnp
 
 import ema_jax
+from ema_jax import schedules
 
 
 def main() -> None:
     # pycls's CIFAR recipe: EMA_ALPHA 2.5e-4, batch 128, 100 epochs, update every 32 steps.
     steps_per_epoch = 390
-    ema = ema_jax.normalized_ema(
-        ema_alpha=2.5e-4,
-        batch_size=128,
-        max_epoch=100,
-        update_period=32,
-        warmup_epochs=1,
-        steps_per_epoch=steps_per_epoch,
+    ema = ema_jax.ema(
+        schedules.pycls(
+            ema_alpha=2.5e-4,
+            batch_size=128,
+            max_epoch=100,
+            update_period=32,
+            warmup_epochs=1,
+            steps_per_epoch=steps_per_epoch,
+        )
     )
     print(f"per-update alpha: {ema.alpha:.5f}")
     print(ema.explain(dataset_size=50_000))  # what these hyperparameters mean, at the start

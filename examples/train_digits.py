@@ -44,6 +44,7 @@ RUN_SETTINGS = (
     "seed",
     "quick",
     "no_precise_bn",
+    "ema",
 )
 
 
@@ -63,6 +64,12 @@ def parse_args(
     # pycls's default 32 suits epochs of hundreds of steps; an epoch here has 42.
     parser.add_argument("--update-period", type=int, default=4, help="pycls's EMA_UPDATE_PERIOD")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--ema",
+        choices=("pycls", "bema"),
+        default="pycls",
+        help="pycls's EMA (default) or BEMA, the bias-corrected EMA (TRL's BEMACallback)",
+    )
     parser.add_argument(
         "--no-precise-bn",
         action="store_true",
@@ -106,13 +113,13 @@ class Cnn(nn.Module):
         return nn.Dense(10)(x.mean(axis=(1, 2)))
 
 
-def create_state(args: argparse.Namespace, steps_per_epoch: int) -> ema_jax.EmaTrainState:
-    model = Cnn()
-    variables = model.init(jax.random.key(args.seed), jnp.ones((1, 8, 8, 1)), train=False)
-    # One epoch of linear warmup from 10%, as pycls's WARMUP_EPOCHS/WARMUP_FACTOR; then
-    # constant, so that the raw weights stay noisy to the end.
-    lr = optax.warmup_constant_schedule(0.1 * args.lr, args.lr, warmup_steps=steps_per_epoch)
-    ema = ema_jax.normalized_ema(
+def make_transform(args: argparse.Namespace, steps_per_epoch: int) -> Any:
+    """The EMA transform ``--ema`` names (both examples use it)."""
+    if args.ema == "bema":
+        # TRL's BEMA defaults, updating as often as the pycls EMA does here; its EMA and
+        # theta0 snapshot the weights after the warmup epoch, as pycls's EMA copies them.
+        return ema_jax.bema(update_period=args.update_period, update_after=steps_per_epoch)
+    return ema_jax.normalized_ema(
         ema_alpha=args.ema_alpha,  # pycls's EMA_ALPHA
         batch_size=args.batch_size,  # global batch size
         max_epoch=args.epochs,  # schedule length
@@ -120,6 +127,24 @@ def create_state(args: argparse.Namespace, steps_per_epoch: int) -> ema_jax.EmaT
         warmup_epochs=1,  # copy the weights during the warmup epoch
         steps_per_epoch=steps_per_epoch,
     )
+
+
+def describe(ema: Any, steps_per_epoch: int, images: tuple[int, int]) -> str:
+    """The line printed at the start: the data, and how the EMA updates."""
+    alpha = "varies" if ema.alpha is None else f"{ema.alpha:.4f}"
+    return (
+        f"{images[0]} training / {images[1]} test images, {steps_per_epoch} steps per"
+        f" epoch; EMA alpha per update {alpha}, every {ema.update_period} steps"
+    )
+
+
+def create_state(args: argparse.Namespace, steps_per_epoch: int) -> ema_jax.EmaTrainState:
+    model = Cnn()
+    variables = model.init(jax.random.key(args.seed), jnp.ones((1, 8, 8, 1)), train=False)
+    # One epoch of linear warmup from 10%, as pycls's WARMUP_EPOCHS/WARMUP_FACTOR; then
+    # constant, so that the raw weights stay noisy to the end.
+    lr = optax.warmup_constant_schedule(0.1 * args.lr, args.lr, warmup_steps=steps_per_epoch)
+    ema = make_transform(args, steps_per_epoch)
     return ema_jax.EmaTrainState.create(
         apply_fn=model.apply,
         params=variables["params"],
@@ -210,10 +235,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         sys.exit(f"--batch-size {args.batch_size} exceeds the {len(x_train)} training images")
     state = create_state(args, steps_per_epoch)
     ema = state.ema
-    print(
-        f"{len(x_train)} training / {len(x_test)} test images, {steps_per_epoch} steps per"
-        f" epoch; EMA alpha per update {ema.alpha:.4f}, every {ema.update_period} steps"
-    )
+    print(describe(ema, steps_per_epoch, (len(x_train), len(x_test))))
     print(ema.explain())  # what these EMA settings mean: half-life, warnings
     precise_bn = not args.no_precise_bn
     if precise_bn:

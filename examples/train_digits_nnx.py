@@ -32,7 +32,6 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from tqdm import tqdm
 
-import ema_jax
 from ema_jax import nnx as ema_nnx
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent
@@ -42,7 +41,9 @@ if str(EXAMPLES) not in sys.path:  # imported by path (tests): train_digits.py i
 # The data, the command line, the table and the plot are the linen example's.
 from train_digits import NUM_SAMPLES_PRECISE  # noqa: E402
 from train_digits import RUN_SETTINGS  # noqa: E402
+from train_digits import describe  # noqa: E402
 from train_digits import load_data  # noqa: E402
+from train_digits import make_transform  # noqa: E402
 from train_digits import parse_args as linen_parse_args  # noqa: E402
 from train_digits import plot  # noqa: E402
 from train_digits import print_table  # noqa: E402
@@ -75,14 +76,7 @@ def create(args: argparse.Namespace, steps_per_epoch: int) -> tuple[Cnn, Any, em
     # constant, so that the raw weights stay noisy to the end.
     lr = optax.warmup_constant_schedule(0.1 * args.lr, args.lr, warmup_steps=steps_per_epoch)
     optimizer = nnx.Optimizer(model, optax.sgd(lr, momentum=0.9), wrt=nnx.Param)
-    transform = ema_jax.normalized_ema(
-        ema_alpha=args.ema_alpha,  # pycls's EMA_ALPHA
-        batch_size=args.batch_size,  # global batch size
-        max_epoch=args.epochs,  # schedule length
-        update_period=args.update_period,  # update every k optimizer steps
-        warmup_epochs=1,  # copy the weights during the warmup epoch
-        steps_per_epoch=steps_per_epoch,
-    )
+    transform = make_transform(args, steps_per_epoch)  # --ema: pycls's EMA or BEMA
     # The default `only` averages the weights (nnx.Param) and the BatchNorm statistics
     # (nnx.BatchStat), as pycls averages the whole state dict.
     return model, optimizer, ema_nnx.Ema(model, transform)
@@ -121,11 +115,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         sys.exit(f"--batch-size {args.batch_size} exceeds the {len(x_train)} training images")
     model, optimizer, ema = create(args, steps_per_epoch)
     transform = ema.transform
-    print(
-        f"{len(x_train)} training / {len(x_test)} test images, {steps_per_epoch} steps per"
-        f" epoch; EMA alpha per update {transform.alpha:.4f}, every"
-        f" {transform.update_period} steps"
-    )
+    print(describe(transform, steps_per_epoch, (len(x_train), len(x_test))))
     print(transform.explain())  # what these EMA settings mean: half-life, warnings
     precise_bn = not args.no_precise_bn
     if precise_bn:

@@ -760,3 +760,181 @@ def torch_averaged_model_ema(
         ema = _map(blend, ema, model)
         out.append(ema)
     return out
+
+
+# --- 10. TRL BEMACallback ---------------------------------------------------------------
+
+
+def trl_bema(
+    trajectory: Sequence[Tree],
+    *,
+    update_freq: int = 400,
+    ema_power: float = 0.5,
+    bias_power: float = 0.2,
+    lag: int = 10,
+    update_after: int = 0,
+    multiplier: float = 1.0,
+    min_ema_multiplier: float = 0.0,
+) -> list[Tree]:
+    """TRL ``BEMACallback``: its ``running_model`` after each ``on_step_end``.
+
+    Source: huggingface/trl ``trl/trainer/callbacks.py``, class ``BEMACallback`` ("Code
+    from https://github.com/abblock/bema under MIT license"; the stored copy read here has
+    no line numbers, so the methods are named): ``on_train_begin`` loads the model's
+    state_dict into ``running_model`` and sets "theta0 = param.detach().clone()" and
+    "self.ema_params.append(theta0.clone())  # initialize EMA with θ₀" for every parameter
+    that requires grad; ``_ema_beta``: "beta = (self.lag + self.multiplier * step) **
+    (-self.ema_power)", "return max(beta, self.min_ema_multiplier)"; ``_bema_alpha``:
+    "(self.lag + self.multiplier * step) ** (-self.bias_power)"; ``_update_bema_weights``:
+    "ema.mul_(1 - beta).add_(thetat, alpha=beta)", "run_param.copy_(ema + alpha *
+    (thetat - theta0))"; ``on_step_end``: "step = state.global_step", "if step <
+    self.update_after: return", "if step == self.update_after:" copy θₜ into theta0 and
+    the EMA (the running model is left as it is), "elif (step - self.update_after) %
+    self.update_freq == 0: self._update_bema_weights(step)".
+
+    ``on_step_end`` runs after each optimizer step with ``global_step`` already
+    incremented, so at our call i, step = i + 1; with update_after = 0 the snapshot
+    branch never runs (global_step >= 1) and theta0 is the initial model. Every leaf here
+    stands for a trainable parameter; float64 throughout.
+    """
+    theta0 = _copy64(trajectory[0])
+    ema = _copy64(trajectory[0])
+    running = _copy64(trajectory[0])
+    out = []
+    for i, model in enumerate(trajectory[1:]):
+        step = i + 1
+        if step == update_after:
+            theta0 = _copy64(model)
+            ema = _copy64(model)
+        elif step > update_after and (step - update_after) % update_freq == 0:
+            beta = max((lag + multiplier * step) ** (-ema_power), min_ema_multiplier)
+            alpha = (lag + multiplier * step) ** (-bias_power)
+            ema = _map(lambda e, t, b=beta: e * (1 - b) + b * t, ema, model)
+            running = _map(lambda e, t, t0, a=alpha: e + a * (t - t0), ema, model, theta0)
+        out.append(running)
+    return out
+
+
+# --- 11. More peers, for docs/migrating.md ----------------------------------------------
+
+
+def timm_v2_ema(trajectory: Sequence[Tree], *, decay: float = 0.9999) -> list[Tree]:
+    """timm ``ModelEmaV2(model, decay).update(model)``, once per optimizer step.
+
+    Source: huggingface/pytorch-image-models ``timm/utils/model_ema.py`` (commit 0a044bf),
+    ``ModelEmaV2.update``: "self._update(model, update_fn=lambda e, m: self.decay * e + (1.
+    - self.decay) * m)", ``_update``: "ema_v.copy_(update_fn(ema_v, model_v))" over
+    ``state_dict()`` in order; the EMA starts as "deepcopy(model)". No step, no copy, no
+    warmup: the same blend at every call. Float leaves only here (``copy_`` truncates
+    the blend of an integer buffer).
+    """
+    ema = _copy64(trajectory[0])
+    out = []
+    for model in trajectory[1:]:
+        ema = _map(lambda e, m: decay * e + (1.0 - decay) * m, ema, model)
+        out.append(ema)
+    return out
+
+
+def torch_swa(trajectory: Sequence[Tree]) -> list[Tree]:
+    """``AveragedModel(model)`` (no ``avg_fn``): SWA's equal average, ``update_parameters``
+    after each step.
+
+    Source: pytorch/pytorch ``torch/optim/swa_utils.py``, ``get_swa_multi_avg_fn``:
+    "torch._foreach_lerp_(averaged_param_list, current_param_list, 1 / (num_averaged +
+    1))" for float tensors; ``update_parameters`` copies at "n_averaged == 0" and uses
+    ``get_swa_multi_avg_fn()`` when neither ``avg_fn`` nor ``multi_avg_fn`` is given. At
+    our call i, n_averaged = i: the average of trajectory[1..i+1].
+    """
+    ema = _copy64(trajectory[0])
+    out = []
+    for n, model in enumerate(trajectory[1:]):
+        ema = _map(lambda e, m, n=n: torch_lerp(e, m, 1.0 / (n + 1)), ema, model)
+        out.append(ema)
+    return out
+
+
+def lightning_ema(
+    trajectory: Sequence[Tree],
+    *,
+    decay: float = 0.999,
+    update_every_n_steps: int = 1,
+    update_starting_at_step: int | None = None,
+) -> list[Tree]:
+    """Lightning ``EMAWeightAveraging(decay, update_every_n_steps, update_starting_at_step)``.
+
+    Source: Lightning-AI/pytorch-lightning ``src/lightning/pytorch/callbacks/
+    weight_averaging.py`` (commit 0b35b0a): ``EMAWeightAveraging.__init__`` passes
+    "avg_fn=get_ema_avg_fn(decay=decay)" to ``AveragedModel``; ``should_update``: "step_idx
+    >= self.update_starting_at_step" (or None) and "step_idx % self.update_every_n_steps
+    == 0"; ``WeightAveraging.on_train_batch_end``: "step_idx = trainer.global_step - 1",
+    then ``update_parameters``. torch ``get_ema_avg_fn``: "decay * ema_param + (1 - decay)
+    * current_param"; ``update_parameters`` copies at its first call (n_averaged == 0). At
+    our call i, step_idx = i. The averaged model is a deepcopy of the model at ``setup``
+    (trajectory[0]). ``update_starting_at_epoch`` (epoch-end updates) is left out.
+    """
+    ema = _copy64(trajectory[0])
+    n_averaged = 0
+    out = []
+    for i, model in enumerate(trajectory[1:]):
+        start = update_starting_at_step
+        if (start is None or i >= start) and i % update_every_n_steps == 0:
+            if n_averaged == 0:
+                ema = _copy64(model)
+            else:
+                ema = _map(lambda e, m: decay * e + (1 - decay) * m, ema, model)
+            n_averaged += 1
+        out.append(ema)
+    return out
+
+
+def keras_ema(
+    steps: Sequence[Tree],
+    start: Tree,
+    *,
+    ema_momentum: float = 0.99,
+    ema_overwrite_frequency: int | None = None,
+) -> tuple[list[Tree], list[Tree]]:
+    """Keras 3 ``optimizer(use_ema=True, ema_momentum, ema_overwrite_frequency)``.
+
+    Returns (the EMA after each step, the model after each step). ``steps[i]`` is the
+    optimizer's change to the model at step i (the model may have been overwritten with
+    the EMA before it), ``start`` the initial model.
+
+    Source: keras-team/keras ``keras/src/optimizers/base_optimizer.py`` (commit 001750d):
+    ``_update_model_variables_moving_average``: "not_first_step =
+    ops.not_equal(self.iterations, 0)", "momentum = ops.cast(not_first_step, var.dtype) *
+    self.ema_momentum", "average.assign(momentum * average + (1 - momentum) * var)";
+    ``_backend_apply_gradients`` calls it after the update step, then, with
+    ``ema_overwrite_frequency``, "should_overwrite_model_vars = (self.iterations + 1) %
+    self.ema_overwrite_frequency == 0" and ``_overwrite_model_variables_with_average_value``
+    (the model's variables become the averages), and only then increments
+    ``iterations``. At our call i, iterations = i: call 0 copies the model.
+    """
+    model = _copy64(start)
+    average = _copy64(start)
+    averages, models = [], []
+    for i, step in enumerate(steps):
+        model = _map(lambda v, s: v + s, model, step)
+        momentum = (i != 0) * ema_momentum
+        average = _map(lambda a, v, m=momentum: m * a + (1 - m) * v, average, model)
+        if ema_overwrite_frequency and (i + 1) % ema_overwrite_frequency == 0:
+            model = _copy64(average)
+        averages.append(average)
+        models.append(model)
+    return averages, models
+
+
+def optax_ema_biased(trajectory: Sequence[Tree], *, decay: float) -> list[Tree]:
+    """``optax.ema(decay, debias=False)`` fed the parameters: the zero-started EMA.
+
+    Source: as ``optax_ema_debiased`` (optax 0.2.8 ``optax/transforms/_accumulation.py``
+    ``ema``), without "optax.tree.bias_correction": the output is ``new_ema`` itself,
+    ``(1 - decay) * g + decay * t`` from ``t = 0``.
+    """
+    hidden = _map(lambda x: np.zeros(x.shape, np.float64), trajectory[0])
+    out = []
+    for model in trajectory[1:]:
+        hidden = _map(lambda t, g: (1 - decay) * g + decay * t, hidden, model)
+        out.append(hidden)
+    return out

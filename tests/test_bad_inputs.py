@@ -329,7 +329,8 @@ TRAIN_STATE_CASES = [
             apply_fn=None, params={}, tx=optax.sgd(0.1), ema=0.999
         ),
         TypeError,
-        "ema must be a transform from ema_jax.ema(schedule) (or ema_jax.normalized_ema), got 0.999",
+        "ema must be a transform from ema_jax.ema(schedule) (or ema_jax.normalized_ema,"
+        " ema_jax.bema), got 0.999",
     ),
     Case(
         "EmaTrainState.create",

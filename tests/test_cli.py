@@ -227,3 +227,25 @@ def test_bad_schedule_options_give_one_line_and_exit_2(capsys, args, message):
     code, out, err = run_in_process(capsys, "explain", *args)
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and message in err
+
+
+def test_explain_takes_constants_form(capsys):
+    code, out, err = run_in_process(
+        capsys,
+        "explain",
+        "--schedule",
+        "constant",
+        "--decay",
+        "0.999999",
+        "--form",
+        "nnx",
+        "--json",
+    )
+    assert code == 0, err
+    expected = ema_jax.explain(ema_jax.schedules.constant(0.999999, form="nnx"))
+    assert json.loads(out) == json.loads(json.dumps(expected.to_dict()))
+    assert expected.fixed_point_bias is not None
+    code, _, err = run_in_process(
+        capsys, "explain", "--schedule", "constant", "--decay", "0.9", "--form", "flax"
+    )
+    assert code == 2 and "invalid choice: 'flax'" in err

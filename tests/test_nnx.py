@@ -141,7 +141,7 @@ def run_beside_nnx_ema(nonfinite: str, steps: int = 300):
     model = NnxNet(nnx.Rngs(0))
     optimizer = nnx.Optimizer(model, optax.sgd(0.1, momentum=0.9), wrt=nnx.Param)
     theirs = nnx.EMA(model, decay, only=nnx.Param)
-    schedule = ema_jax.schedules.constant(decay)
+    schedule = ema_jax.schedules.constant(decay, form="nnx")  # nnx.EMA's blend
     ours = Ema(model, ema_jax.ema(schedule, nonfinite=nonfinite), only=nnx.Param)
 
     @nnx.jit(donate_argnums=(0, 1))

@@ -228,7 +228,7 @@ def run_beside_nnx_ema(nonfinite: str) -> tuple[list, list, float]:
 
     model = nnx.Linear(5, 4, rngs=nnx.Rngs(0))
     theirs = nnx.EMA(model, 0.999, only=nnx.Param)
-    ours = ema_jax.ema(schedules.constant(0.999), nonfinite=nonfinite)
+    ours = ema_jax.ema(schedules.constant(0.999, form="nnx"), nonfinite=nonfinite)
     state = ours.init(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
     @nnx.jit
@@ -424,14 +424,10 @@ def re_escape(text: str) -> str:
 
 @pytest.mark.parametrize(
     "schedule",
-    [
-        schedules.constant(0.999),
+    [  # every registered family but pycls (its own report), and variants
+        *(cls.example() for cls in schedules.REGISTRY.values() if cls is not schedules.Pycls),
         schedules.constant(0.9, debias=True, update_period=4),
         schedules.warmup_power(update_after_step=10),
-        schedules.tf_warmup(0.999),
-        schedules.power_function(sigma_rel=0.05, batch_size=256),
-        schedules.halflife(halflife_samples=1e5, batch_size=256, rampup_ratio=0.05),
-        schedules.fraction_of_training(halflife_fraction=0.05, total_steps=5000),
     ],
     ids=lambda s: s.name,
 )
@@ -451,7 +447,11 @@ def test_explain_reports_every_schedule_from_its_own_formulas(schedule):
 
 
 def test_explain_warns_about_the_two_weight_blend_at_high_decays():
-    report = ema_jax.explain(schedules.constant(0.999999))
+    report = ema_jax.explain(schedules.constant(0.999999, form="nnx"))
     assert report.fixed_point_bias == pytest.approx(1e-6 / (1 - float(np.float32(0.999999))) - 1)
     assert [w for w in report.warnings if w.startswith("bias:")]
-    assert not ema_jax.explain(schedules.constant(0.999)).warnings
+    assert not ema_jax.explain(schedules.constant(0.999, form="nnx")).warnings
+    # The default lerp form has no fixed-point bias to report.
+    default = ema_jax.explain(schedules.constant(0.999999))
+    assert default.fixed_point_bias is None
+    assert not [w for w in default.warnings if w.startswith("bias:")]

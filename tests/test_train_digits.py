@@ -87,3 +87,19 @@ def test_example_without_precise_batch_norm(train_digits, tmp_path, capsys):
     assert "Precise BN" not in out and "pBN" not in out
     assert "epoch  raw acc  EMA acc\n" in out and "best EMA: " in out
     assert all("ema_precise_accuracy" not in row for row in result["history"])
+
+
+def test_ema_option_picks_pycls_or_bema(train_digits):
+    import ema_jax
+
+    pycls = train_digits.parse_args(["--quick"])
+    bema = train_digits.parse_args(["--quick", "--ema", "bema", "--update-period", "2"])
+    assert pycls.ema == "pycls" and "ema" in train_digits.RUN_SETTINGS
+    assert isinstance(train_digits.make_transform(pycls, 8), ema_jax.NormalizedEma)
+    transform = train_digits.make_transform(bema, 8)
+    assert transform.settings() == ema_jax.bema(update_period=2, update_after=8).settings()
+    assert "EMA alpha per update varies, every 2 steps" in train_digits.describe(
+        transform, 8, (256, 450)
+    )
+    with pytest.raises(SystemExit):
+        train_digits.parse_args(["--ema", "swa"])

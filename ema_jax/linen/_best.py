@@ -54,7 +54,7 @@ class BestCheckpoints:
       >>> import ema_jax
       >>> model = nn.Dense(2)
       >>> params = model.init(jax.random.key(0), jnp.ones((1, 3)))["params"]
-      >>> ema = ema_jax.normalized_ema(ema_alpha=1e-3, batch_size=32, max_epoch=10)
+      >>> ema = ema_jax.ema(ema_jax.schedules.pycls(ema_alpha=1e-3, batch_size=32, max_epoch=10))
       >>> state = ema_jax.EmaTrainState.create(
       ...     apply_fn=model.apply, params=params, tx=optax.sgd(0.1), ema=ema)
       >>> with tempfile.TemporaryDirectory() as workdir:

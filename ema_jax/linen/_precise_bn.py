@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Mapping
@@ -140,10 +141,24 @@ def replace_stats(batch_stats: PyTree, stats: Mapping[Key, jax.Array]) -> PyTree
     return FrozenDict(new) if isinstance(batch_stats, FrozenDict) else new
 
 
+_REQUIRED: Any = object()  # batches' default: a missing argument, told apart from an NNX call
+
+
+def _refuse_nnx(apply_fn: Any) -> None:
+    """An ``nnx.Module`` where linen's ``apply_fn`` goes: name the NNX function instead."""
+    nnx = sys.modules.get("flax.nnx")  # loaded wherever an NNX model exists
+    if nnx is not None and isinstance(apply_fn, nnx.Module):
+        raise TypeError(
+            "ema_jax.precise_batch_stats is flax.linen's (apply_fn, variables, batches); for"
+            f" the NNX model {type(apply_fn).__name__} use"
+            " ema_jax.nnx.precise_batch_stats(model, batches)"
+        )
+
+
 def precise_batch_stats(
     apply_fn: Callable[..., Any],
     variables: Mapping[str, PyTree],
-    batches: Iterable[Any],
+    batches: Iterable[Any] = _REQUIRED,
     *,
     num_samples: int = NUM_SAMPLES,
     apply_kwargs: Mapping[str, Any] | None = None,
@@ -219,8 +234,9 @@ def precise_batch_stats(
         ran in evaluation mode, ``batches`` is empty, a batch's shape differs from
         the first's, or ``num_samples`` is not a positive integer or is below the
         batch size.
-      TypeError: ``apply_fn`` is not callable, ``apply_kwargs`` is not a mapping of
-        hashable values, or ``batches`` is not iterable.
+      TypeError: ``apply_fn`` is not callable (an ``nnx.Module`` is told to use
+        :func:`ema_jax.nnx.precise_batch_stats`), ``apply_kwargs`` is not a mapping
+        of hashable values, or ``batches`` is not iterable or missing.
 
     Example:
       >>> import flax.linen as nn, jax, jax.numpy as jnp
@@ -241,6 +257,9 @@ def precise_batch_stats(
       Radosavovic et al., pycls (``compute_precise_bn_stats``), 2020; Wu and Johnson,
       "Rethinking 'Batch' in BatchNorm", 2021 (why precise statistics matter).
     """
+    _refuse_nnx(apply_fn)
+    if batches is _REQUIRED:
+        raise TypeError("precise_batch_stats() missing 1 required positional argument: 'batches'")
     batch_stats = _batch_stats_of(variables, "variables")
     stats_fn = batch_norm_stats(apply_fn, apply_kwargs)
     means = average_batch_stats(stats_fn, variables, batches, num_samples=num_samples)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from collections.abc import Mapping
 from typing import Any
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,7 @@ from flax.training import train_state
 
 from ema_jax import _accumulation
 from ema_jax._batch_stats import NUM_SAMPLES
+from ema_jax._bema import Bema
 from ema_jax._transform import Ema
 from ema_jax._transform import EmaState
 from ema_jax.linen._precise_bn import precise_batch_stats_pair
@@ -41,9 +43,10 @@ class EmaTrainState(train_state.TrainState):
       step: calls of ``apply_gradients`` (flax's meaning): micro-batches under
         ``optax.MultiSteps``, optimizer steps otherwise. ``ema_state.step`` counts
         the optimizer steps that applied.
-      ema: the transform from :func:`ema_jax.ema` or :func:`ema_jax.normalized_ema`
-        (static).
-      ema_state: its :class:`~ema_jax.EmaState`; ``ema_state.ema`` is
+      ema: the transform from :func:`ema_jax.ema`, :func:`ema_jax.normalized_ema` or
+        :func:`ema_jax.bema` (static).
+      ema_state: its :class:`~ema_jax.EmaState` (a ``BemaState`` for ``bema``);
+        ``ema_state.ema`` is
         ``{"params": ..., "batch_stats": ...}`` (no ``"batch_stats"`` without them).
       batch_stats: the model's BatchNorm statistics, or None.
 
@@ -52,8 +55,8 @@ class EmaTrainState(train_state.TrainState):
       >>> import ema_jax
       >>> model = nn.Dense(2)
       >>> params = model.init(jax.random.key(0), jnp.ones((1, 3)))["params"]
-      >>> ema = ema_jax.normalized_ema(ema_alpha=1e-3, batch_size=32, max_epoch=10,
-      ...                              update_period=1)
+      >>> ema = ema_jax.ema(ema_jax.schedules.pycls(ema_alpha=1e-3, batch_size=32,
+      ...                                               max_epoch=10, update_period=1))
       >>> state = ema_jax.EmaTrainState.create(
       ...     apply_fn=model.apply, params=params, tx=optax.sgd(0.1), ema=ema)
       >>> grads = jax.tree.map(jnp.ones_like, params)
@@ -64,8 +67,8 @@ class EmaTrainState(train_state.TrainState):
       >>> logits = state.apply_fn({"params": state.ema_params}, jnp.ones((1, 3)))
     """
 
-    ema: Ema = struct.field(pytree_node=False)
-    ema_state: EmaState = struct.field(pytree_node=True)
+    ema: Ema = struct.field(pytree_node=False)  # or a Bema: the same interface
+    ema_state: EmaState = struct.field(pytree_node=True)  # a BemaState for a Bema
     batch_stats: PyTree = struct.field(pytree_node=True, default=None)
 
     @property
@@ -179,7 +182,8 @@ class EmaTrainState(train_state.TrainState):
           ...         return nn.BatchNorm(use_running_average=not train)(nn.Dense(2)(x))
           >>> model = Net()
           >>> variables = model.init(jax.random.key(0), jnp.ones((1, 3)))
-          >>> ema = ema_jax.normalized_ema(ema_alpha=1e-3, batch_size=4, max_epoch=10)
+          >>> ema = ema_jax.ema(ema_jax.schedules.pycls(ema_alpha=1e-3, batch_size=4,
+          ...                                               max_epoch=10))
           >>> state = ema_jax.EmaTrainState.create(
           ...     apply_fn=model.apply, params=variables["params"],
           ...     batch_stats=variables["batch_stats"], tx=optax.sgd(0.1), ema=ema)
@@ -211,7 +215,7 @@ class EmaTrainState(train_state.TrainState):
         apply_fn: Any,
         params: PyTree,
         tx: optax.GradientTransformation,
-        ema: Ema,
+        ema: Ema | Bema,
         batch_stats: PyTree = None,
         **kwargs: Any,
     ) -> EmaTrainState:
@@ -220,10 +224,10 @@ class EmaTrainState(train_state.TrainState):
         ``step`` is an int32 array, not flax's Python ``0``, so that a jitted train
         step compiles once for the whole run.
         """
-        if not isinstance(ema, Ema):
+        if not isinstance(ema, Ema | Bema):
             raise TypeError(
                 "ema must be a transform from ema_jax.ema(schedule) (or"
-                f" ema_jax.normalized_ema), got {ema!r}"
+                f" ema_jax.normalized_ema, ema_jax.bema), got {ema!r}"
             )
         if not (callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
             raise TypeError(
@@ -235,8 +239,8 @@ class EmaTrainState(train_state.TrainState):
             params=params,
             tx=tx,
             opt_state=tx.init(params),
-            ema=ema,
-            ema_state=ema.init(_variables(params, batch_stats)),
+            ema=cast(Any, ema),  # a Bema has Ema's interface
+            ema_state=cast(Any, ema.init(_variables(params, batch_stats))),
             batch_stats=batch_stats,
             **kwargs,
         )

@@ -233,8 +233,8 @@ def recompute_batch_stats(
       >>> from ema_jax import nnx as ema_nnx
       >>> model = nnx.Sequential(nnx.Linear(3, 2, rngs=nnx.Rngs(0)),
       ...                        nnx.BatchNorm(2, rngs=nnx.Rngs(0)))
-      >>> ema = ema_nnx.Ema(model, ema_jax.normalized_ema(
-      ...     ema_alpha=1e-3, batch_size=4, max_epoch=10))
+      >>> ema = ema_nnx.Ema(model, ema_jax.ema(ema_jax.schedules.pycls(
+      ...     ema_alpha=1e-3, batch_size=4, max_epoch=10)))
       >>> batches = [jax.random.normal(jax.random.key(i), (4, 3)) for i in range(3)]
       >>> ema_nnx.recompute_batch_stats(model, ema, batches)  # after an epoch
       >>> logits = nnx.view(ema.apply_to(model), use_running_average=True)(batches[0])

@@ -3,10 +3,18 @@
 Each schedule says, for update call ``i`` (0-based, ``EmaState.step`` before the
 call), whether the EMA updates and with which step size ``alpha``
 (``ema <- ema + alpha * (params - ema)``; 1 is a copy).
+
+A family is a :class:`Schedule` subclass registered with :func:`register`, which adds
+it to :data:`REGISTRY` (what the command line offers and the tests iterate); the
+protocol, and a family written outside the package, are in ``docs/schedules.md``.
 """
 
+from ema_jax.schedules._base import REGISTRY
 from ema_jax.schedules._base import Plan
 from ema_jax.schedules._base import Schedule
+from ema_jax.schedules._base import real
+from ema_jax.schedules._base import register
+from ema_jax.schedules._base import steps_since_update
 from ema_jax.schedules._constant import Constant
 from ema_jax.schedules._constant import constant
 from ema_jax.schedules._edm import Halflife
@@ -25,6 +33,7 @@ from ema_jax.schedules._warmup import tf_warmup
 from ema_jax.schedules._warmup import warmup_power
 
 __all__ = [
+    "REGISTRY",
     "Constant",
     "FractionOfTraining",
     "Halflife",
@@ -40,7 +49,10 @@ __all__ = [
     "halflife",
     "power_function",
     "pycls",
+    "real",
+    "register",
     "sigma_rel_of_gamma",
+    "steps_since_update",
     "tf_warmup",
     "warmup_power",
 ]

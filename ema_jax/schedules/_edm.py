@@ -13,6 +13,7 @@ from ema_jax.schedules._base import Scalar
 from ema_jax.schedules._base import Schedule
 from ema_jax.schedules._base import half_life_alpha
 from ema_jax.schedules._base import real
+from ema_jax.schedules._base import register
 from ema_jax.schedules._base import steps_since_update
 
 SIGMA_REL_OF_GAMMA_0 = math.sqrt(1.0 / 12.0)  # sigma_rel at gamma = 0: the widest profile
@@ -47,6 +48,7 @@ def gamma_of_sigma_rel(sigma_rel: float) -> float:
     return float(max(r.real for r in roots if abs(r.imag) <= 1e-9 * max(1.0, abs(r.real))))
 
 
+@register
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PowerFunction(Schedule):
     r"""EDM2's power-function EMA: the average weighs the parameters at time t as t**gamma.
@@ -114,21 +116,26 @@ class PowerFunction(Schedule):
             s(self, "sigma_rel", float(sigma_rel))
             s(self, "exponent", gamma_of_sigma_rel(sigma_rel))
         s(self, "batch_size", _validate.check_positive_real("batch_size", self.batch_size))
-        s(self, "update_period", _validate.check_positive_int("update_period", self.update_period))
+        super().__post_init__()  # update_period
 
     @property
     def relative_width(self) -> float:
         """sigma_rel, given or computed from gamma."""
         return sigma_rel_of_gamma(self.exponent)
 
-    def _alpha(self, i: Scalar, xp: Any) -> Any:
+    def step_size(self, i: Scalar, xp: Any) -> Any:
         ratio = steps_since_update(i, self.update_period, xp) / (real(i, xp) + 1.0)  # dt / t
         return -xp.expm1((self.exponent + 1.0) * xp.log1p(-ratio))  # 1 - beta, exact
 
-    def _copies(self, i: Scalar, xp: Any) -> Any:
+    def copies_at(self, i: Scalar, xp: Any) -> Any:
         return i < self.update_period  # the first update: dt = t
 
+    @classmethod
+    def example(cls) -> PowerFunction:
+        return cls(sigma_rel=0.05, batch_size=256)
 
+
+@register
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Halflife(Schedule):
     r"""EDM's EMA: a half-life in samples, optionally ramped up with the samples seen.
@@ -170,17 +177,21 @@ class Halflife(Schedule):
         s(self, "batch_size", v.check_positive_real("batch_size", self.batch_size))
         if self.rampup_ratio is not None:
             s(self, "rampup_ratio", v.check_positive_real("rampup_ratio", self.rampup_ratio))
-        s(self, "update_period", v.check_positive_int("update_period", self.update_period))
+        super().__post_init__()  # update_period
 
-    def _alpha(self, i: Scalar, xp: Any) -> Any:
+    def step_size(self, i: Scalar, xp: Any) -> Any:
         dt = steps_since_update(i, self.update_period, xp) * self.batch_size
         h: Any = self.halflife_samples
         if self.rampup_ratio is not None:
             h = xp.minimum(h, self.rampup_ratio * self.batch_size * real(i, xp))
         return half_life_alpha(dt, h, xp)  # h = 0 (call 0, ramped): 1, a copy
 
-    def _copies(self, i: Scalar, xp: Any) -> Any:
+    def copies_at(self, i: Scalar, xp: Any) -> Any:
         return self.rampup_ratio is not None and i == 0
+
+    @classmethod
+    def example(cls) -> Halflife:
+        return cls(halflife_samples=1e5, batch_size=256, rampup_ratio=0.05)
 
 
 halflife = Halflife

@@ -9,9 +9,11 @@ from ema_jax import _validate
 from ema_jax.schedules._base import Scalar
 from ema_jax.schedules._base import Schedule
 from ema_jax.schedules._base import half_life_alpha
+from ema_jax.schedules._base import register
 from ema_jax.schedules._base import steps_since_update
 
 
+@register
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class FractionOfTraining(Schedule):
     r"""An EMA whose half-life is a fixed share of the run, whatever its batch and length.
@@ -50,14 +52,18 @@ class FractionOfTraining(Schedule):
         fraction = v.check_real_in("halflife_fraction", self.halflife_fraction, "(0, 1]")
         s(self, "halflife_fraction", fraction)
         s(self, "total_steps", v.check_positive_int("total_steps", self.total_steps))
-        s(self, "update_period", v.check_positive_int("update_period", self.update_period))
+        super().__post_init__()  # update_period
 
-    def _alpha(self, i: Scalar, xp: Any) -> Any:
+    def step_size(self, i: Scalar, xp: Any) -> Any:
         dt = steps_since_update(i, self.update_period, xp)
         return half_life_alpha(dt, self.halflife_fraction * self.total_steps, xp)
 
     def steps_in_run(self) -> int | None:
         return self.total_steps
+
+    @classmethod
+    def example(cls) -> FractionOfTraining:
+        return cls(halflife_fraction=0.05, total_steps=5000)
 
 
 fraction_of_training = FractionOfTraining

@@ -10,6 +10,7 @@ from typing import Literal
 from ema_jax import _validate
 from ema_jax.schedules._base import Scalar
 from ema_jax.schedules._base import Schedule
+from ema_jax.schedules._base import register
 
 Rule = Literal["linear", "exact"]
 RULES: tuple[str, ...] = ("linear", "exact")
@@ -46,6 +47,7 @@ def alpha_exact(ema_alpha: float, batch_size: float, max_epoch: float, update_pe
     return -math.expm1(batch_size * update_period * math.log1p(-rate))
 
 
+@register
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Pycls(Schedule):
     r"""pycls's EMA: a per-update step size normalized by batch size and schedule length.
@@ -67,7 +69,9 @@ class Pycls(Schedule):
       ema_alpha: base rate per sample and epoch of schedule, pycls's ``EMA_ALPHA``
         (1e-5 for ImageNet, 2.5e-4 for CIFAR recipes); 0 freezes the EMA.
       batch_size: global batch size, all devices together, per optimizer step.
-      max_epoch: schedule length in epochs.
+      max_epoch: schedule length in epochs. A fraction is accepted (a run that ends
+        mid-epoch); pycls's ``MAX_EPOCH`` is an integer, and :func:`ema_jax.explain`
+        notes a fractional one (tag ``epochs:``).
       update_period: update every this many optimizer steps (0 turns the EMA off).
       warmup_epochs: epochs during which the EMA copies the parameters.
       steps_per_epoch: optimizer steps per epoch; needed for warmup and for the
@@ -82,6 +86,7 @@ class Pycls(Schedule):
     """
 
     name = "pycls"
+    min_update_period = 0  # 0 turns the EMA off, as in pycls
     ema_alpha: float
     batch_size: float
     max_epoch: float
@@ -96,7 +101,7 @@ class Pycls(Schedule):
         s(self, "ema_alpha", v.check_nonnegative_real("ema_alpha", self.ema_alpha))
         s(self, "batch_size", v.check_positive_real("batch_size", self.batch_size))
         s(self, "max_epoch", v.check_positive_real("max_epoch", self.max_epoch))
-        s(self, "update_period", v.check_nonnegative_int("update_period", self.update_period))
+        super().__post_init__()  # update_period
         w = v.check_nonnegative_int("warmup_epochs", self.warmup_epochs)
         s(self, "warmup_epochs", w)
         if self.steps_per_epoch is not None:
@@ -124,18 +129,24 @@ class Pycls(Schedule):
         fn = alpha_linear if self.rule == "linear" else alpha_exact
         return fn(self.ema_alpha, self.batch_size, self.max_epoch, self.update_period)
 
-    def _alpha(self, i: Scalar, xp: Any) -> float:
+    def step_size(self, i: Scalar, xp: Any) -> float:
         return self.alpha
 
-    def _updates(self, i: Scalar) -> Any:
+    def updates_at(self, i: Scalar) -> Any:
         spe = self.steps_per_epoch
-        return super()._updates(i if spe is None else i % spe)
+        return super().updates_at(i if spe is None else i % spe)
 
-    def _copies(self, i: Scalar, xp: Any) -> Any:
+    def copies_at(self, i: Scalar, xp: Any) -> Any:
         if not self.warmup_epochs:
             return False
         assert self.steps_per_epoch is not None  # checked at construction
         return i // self.steps_per_epoch < self.warmup_epochs
+
+    @classmethod
+    def example(cls) -> Pycls:
+        return cls(
+            ema_alpha=2.5e-4, batch_size=128, max_epoch=100, warmup_epochs=1, steps_per_epoch=390
+        )
 
 
 pycls = Pycls

@@ -9,6 +9,7 @@ from ema_jax import _validate
 from ema_jax.schedules._base import Scalar
 from ema_jax.schedules._base import Schedule
 from ema_jax.schedules._base import real
+from ema_jax.schedules._base import register
 
 
 def _check_common(schedule: Any) -> None:
@@ -23,7 +24,7 @@ def _check_common(schedule: Any) -> None:
     s(schedule, "min_decay", min_decay)
     after = v.check_nonnegative_int("update_after_step", schedule.update_after_step)
     s(schedule, "update_after_step", after)
-    s(schedule, "update_period", v.check_positive_int("update_period", schedule.update_period))
+    Schedule.__post_init__(schedule)  # update_period
 
 
 class _Warmup(Schedule):
@@ -36,18 +37,19 @@ class _Warmup(Schedule):
     def _t(self, i: Scalar, xp: Any) -> Any:
         return real(i, xp) - self.update_after_step
 
-    def _copies(self, i: Scalar, xp: Any) -> Any:
+    def copies_at(self, i: Scalar, xp: Any) -> Any:
         return i <= self.update_after_step
 
     def _warm_alpha(self, t: Any) -> Any:
         """``1 - decay_t`` before the clip, computed directly (exact near decay 1)."""
         raise NotImplementedError
 
-    def _alpha(self, i: Scalar, xp: Any) -> Any:
-        t = xp.maximum(self._t(i, xp), 1.0)  # copies where t <= 0 (see _copies)
+    def step_size(self, i: Scalar, xp: Any) -> Any:
+        t = xp.maximum(self._t(i, xp), 1.0)  # copies where t <= 0 (see copies_at)
         return xp.clip(self._warm_alpha(t), 1.0 - self.decay, 1.0 - self.min_decay)
 
 
+@register
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class WarmupPower(_Warmup):
     r"""A decay that warms up as a power of the step: timm, ema-pytorch and diffusers.
@@ -97,6 +99,7 @@ class WarmupPower(_Warmup):
         return (1.0 + t / self.inv_gamma) ** -self.power
 
 
+@register
 @dataclasses.dataclass(frozen=True)
 class TfWarmup(_Warmup):
     r"""TensorFlow's warmup of the decay: ``min(decay, (1 + t) / (10 + t))``.
@@ -132,6 +135,10 @@ class TfWarmup(_Warmup):
 
     def _warm_alpha(self, t: Any) -> Any:
         return 9.0 / (10.0 + t)  # 1 - (1 + t) / (10 + t)
+
+    @classmethod
+    def example(cls) -> TfWarmup:
+        return cls(0.999)
 
 
 warmup_power = WarmupPower
