@@ -138,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             model, optimizer, ema = nnx.eval_shape(lambda: create(args, steps_per_epoch))
             try:
                 restored = ema_nnx.restore_checkpoint(manager, (model, optimizer, ema))
-            except ema_jax.EmaSettingsMismatchError as err:
+            except ema_nnx.EmaSettingsMismatchError as err:
                 sys.exit(
                     f"{workdir} holds a run with other settings ({err}); pass another --workdir"
                 )
