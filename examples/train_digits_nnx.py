@@ -2,13 +2,15 @@
 
 The NNX twin of ``train_digits.py``: the same data, recipe, table and plot, with
 ``ema_jax.nnx.Ema`` in the place of ``nnx.EMA``. Each epoch evaluates the raw and the
-EMA weights on a held-out split and checkpoints model, optimizer and EMA with orbax
-into ``--workdir``; run it again and it resumes (or, when the run is complete, just
-prints the results). Like pycls (``BN.USE_PRECISE_STATS``), after every epoch it
-recomputes the BatchNorm statistics of the raw and of the EMA weights on training
-batches (``--no-precise-bn`` turns that off). At the end it prints a table of test
-accuracy: raw weights, EMA weights with their averaged BatchNorm statistics, EMA
-weights with precise ones; and writes ``curves.png`` into the workdir.
+EMA weights on a held-out split and checkpoints model, optimizer and EMA with
+``ema_jax.nnx.save_checkpoint`` (orbax, with a checksum of every array and the EMA's
+settings) into ``--workdir``; run it again and it resumes from the newest intact
+checkpoint (or, when the run is complete, just prints the results). Like pycls
+(``BN.USE_PRECISE_STATS``), after every epoch it recomputes the BatchNorm statistics
+of the raw and of the EMA weights on training batches (``--no-precise-bn`` turns that
+off). At the end it prints a table of test accuracy: raw weights, EMA weights with
+their averaged BatchNorm statistics, EMA weights with precise ones; and writes
+``curves.png`` into the workdir.
 
 Run: python examples/train_digits_nnx.py [--workdir workdir/digits_nnx] [--epochs 20]
 """
@@ -128,19 +130,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         item_handlers=ocp.StandardCheckpointHandler(),
         options=options,
     ) as manager:
-        latest = manager.latest_step()
-        if latest is not None:
-            saved = manager.item_metadata(latest).custom_metadata
+        if manager.latest_step() is not None:
+            # Restore in place into abstract objects (nnx.eval_shape): model, optimizer
+            # and EMA, step included, from the newest step whose arrays match their
+            # checksums and whose EMA has these settings; a damaged newer step is
+            # skipped with a warning naming it.
+            model, optimizer, ema = nnx.eval_shape(lambda: create(args, steps_per_epoch))
+            try:
+                restored = ema_nnx.restore_checkpoint(manager, (model, optimizer, ema))
+            except ema_nnx.EmaSettingsMismatchError as err:
+                sys.exit(
+                    f"{workdir} holds a run with other settings ({err}); pass another --workdir"
+                )
+            saved = manager.item_metadata(restored).custom_metadata
             if saved["settings"] != settings:
                 sys.exit(
                     f"{workdir} holds a run with other settings ({saved['settings']});"
                     " pass another --workdir"
                 )
-            # Restore into an abstract target: model, optimizer and EMA, step included.
-            graphdef, target = nnx.split(nnx.eval_shape(lambda: create(args, steps_per_epoch)))
-            state = manager.restore(latest, args=ocp.args.StandardRestore(target))
-            model, optimizer, ema = nnx.merge(graphdef, state)
             history = saved["history"]
+            for damaged in [step for step in manager.all_steps() if step > restored]:
+                manager.delete(damaged)  # so that this run writes that step again
+                print(f"Deleted checkpoint step {damaged}: it failed verification")
         # Evaluation views: they share the variables (and follow every update), with
         # BatchNorm on its running statistics; the EMA's view holds the EMA's.
         raw_eval = nnx.view(model, use_running_average=True)
@@ -184,8 +195,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             step = int(optimizer.step[...])
             # A copy: orbax writes the metadata in the background, after later epochs.
             meta = {"settings": settings, "history": [dict(r) for r in history]}
-            everything = nnx.state((model, optimizer, ema))
-            manager.save(step, args=ocp.args.StandardSave(everything, custom_metadata=meta))
+            # + a CRC-32 of every array and the EMA's settings, checked on restore
+            ema_nnx.save_checkpoint(manager, step, (model, optimizer, ema), custom_metadata=meta)
         bar.close()
 
     print_table(history, precise_bn)

@@ -11,6 +11,7 @@ whatever is returned equals, bit for bit, the state that was saved at its step.
 from __future__ import annotations
 
 import fnmatch
+import json
 import logging
 import os
 import re
@@ -429,13 +430,102 @@ def _raw(state: ema_jax.EmaTrainState) -> dict[str, Any]:
     return {"params": state.params}
 
 
-def test_a_target_in_another_dtype_is_cast_after_verification(copy):
-    directory, states = copy
+def bf16_target() -> ema_jax.EmaTrainState:
+    """The target with bfloat16 parameters and ``ema_dtype=None``: its EMA is bfloat16."""
     params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), target().params)
-    low = ema_jax.EmaTrainState.create(
+    return ema_jax.EmaTrainState.create(
         apply_fn=Wide().apply, params=params, tx=optax.sgd(0.1, momentum=0.9), ema=EMA
     )
+
+
+@pytest.mark.bad_input
+def test_a_float32_ema_is_not_silently_cut_to_bfloat16_parameters(copy, caplog):
+    # Issue 21: a float32 EMA restored into bf16 parameters (ema_dtype=None) became bf16
+    # without a word, while an explicit ema_dtype change raised. Now both raise.
+    directory, states = copy
+    text = (
+        "the averaged leaf ema_state.ema.params.Dense_0.bias is float32 in the checkpoint"
+        " but bfloat16 in the target (and 3 more averaged leaves); with ema_dtype=None the"
+        " EMA is kept in the parameters' dtype, so pass ema_dtype=jnp.float32"
+    )
     with manager(directory) as m:
-        restored = ema_jax.restore_checkpoint(m, low)
+        with pytest.raises(ema_jax.EmaSettingsMismatchError, match=re.escape(text)):
+            ema_jax.restore_checkpoint(m, bf16_target())
+        # On purpose: verified, then cast to the target's dtypes, with a warning.
+        with caplog.at_level(logging.WARNING, logger="ema_jax"):
+            restored = ema_jax.restore_checkpoint(m, bf16_target(), allow_ema_change=True)
     want = jax.tree.map(lambda x: np.asarray(x).astype(jnp.bfloat16), states[2].params)
     assert_trees_equal(restored.params, want)
+    assert restored.ema_params["Dense_0"]["kernel"].dtype == jnp.bfloat16
+    assert len(ema_jax_records(caplog)) == 1 and text in caplog.text
+
+
+def edit_record(directory: Path, step: int, edit: Any) -> None:
+    """Rewrites ema_jax's record in a step's metadata file as ``edit`` says."""
+    path = directory / str(step) / "default" / "_METADATA"
+    metadata = json.loads(path.read_text())
+    edit(metadata["custom_metadata"]["ema_jax"])
+    path.write_text(json.dumps(metadata))
+
+
+def drop_one_checksum(record: dict[str, Any]) -> None:
+    del record["arrays"]["params.Dense_0.kernel"]
+
+
+def unknown_format(record: dict[str, Any]) -> None:
+    record["format"] = 2
+
+
+RECORD_GAPS = {
+    "a checksum removed": (drop_one_checksum, "params.Dense_0.kernel has no checksum"),
+    "an unknown format": (unknown_format, "record has format 2, and this ema_jax verifies"),
+}
+
+
+@pytest.mark.parametrize(("edit", "text"), RECORD_GAPS.values(), ids=RECORD_GAPS.keys())
+@pytest.mark.bad_input
+def test_a_record_that_cannot_check_everything_is_damage(edit, text, copy, caplog):
+    # Issue 21: such a record restored with no warning and skipped the check.
+    directory, states = copy
+    edit_record(directory, 2, edit)
+    with manager(directory) as m:
+        with pytest.raises(ema_jax.CorruptCheckpointError, match=re.escape(text)) as raised:
+            ema_jax.restore_checkpoint(m, target(), step=2)
+        with caplog.at_level(logging.WARNING, logger="ema_jax"):
+            restored = ema_jax.restore_checkpoint(m, target())
+    assert raised.value.step == 2
+    assert_trees_equal(restored, states[1])
+    assert len(ema_jax_records(caplog)) == 1 and text in caplog.text
+
+
+def test_a_flipped_array_is_not_called_unreadable_metadata(copy):
+    # Issue 21: damaged array data was described as "its metadata cannot be read".
+    directory, _ = copy
+    flip(directory)
+    with manager(directory) as m, pytest.raises(ema_jax.CorruptCheckpointError) as raised:
+        ema_jax.restore_checkpoint(m, target(), step=2)
+    assert "metadata" not in str(raised.value)
+    assert "checksum mismatch" in str(raised.value)
+
+
+@pytest.mark.bad_input
+def test_two_averages_are_not_restored_as_one(tmp_path):
+    two = ema_jax.ema((ema_jax.schedules.constant(0.99), ema_jax.schedules.constant(0.9)))
+    with manager(tmp_path) as m:
+        ema_jax.save_checkpoint(m, make_state(Wide(), two))
+    text = "holds an EMA with 2 average(s), but the target's has 1"
+    for allow in (False, True):
+        mismatch = pytest.raises(ema_jax.EmaSettingsMismatchError, match=re.escape(text))
+        with manager(tmp_path) as m, mismatch:
+            ema_jax.restore_checkpoint(m, target(), allow_ema_change=allow)
+
+
+def test_best_checkpoints_take_a_relative_directory(tmp_path, monkeypatch):
+    # Issue 21: orbax refuses relative paths; BestCheckpoints resolves them first.
+    monkeypatch.chdir(tmp_path)
+    state = make_state(Wide(), EMA)
+    with ema_jax.BestCheckpoints("best") as best:
+        best.save(0, state, scores(0.5, 0.5))
+        restored = best.restore("ema", target())
+    assert best.directory == str(tmp_path / "best")
+    assert_trees_equal(restored, state.ema_variables())

@@ -60,17 +60,21 @@ class NnxModel(nnx.Module):
         return self.out(self.bn(self.lin(x)))
 
 
-def test_nnx_snippet_runs():
+def test_nnx_snippets_run(tmp_path):
     x, y = jnp.ones((4, 5)), jnp.zeros((4, 3))
     namespace = {
         "Model": NnxModel,
         "x": x,
         "y": y,
         "loss": lambda out, y: jnp.mean((out - y) ** 2),
+        "workdir": tmp_path,
     }
-    (block,) = python_blocks(nnx_blocks=True)
+    blocks = python_blocks(nnx_blocks=True)
+    assert len(blocks) == 2  # the Ema, its checkpoints
     exec("import jax, optax, ema_jax", namespace)
-    exec(block, namespace)
+    for block in blocks:
+        exec(block, namespace)
+    assert namespace["step"] == 0  # the checkpoint block restored step 0
     assert namespace["logits"].shape == (4, 3)
     model, optimizer, ema = (namespace[k] for k in ("model", "optimizer", "ema"))
     namespace["train_step"](model, optimizer, ema, x, y)

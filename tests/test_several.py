@@ -165,7 +165,7 @@ BAD = [
     (
         lambda e, s: e.update({"w": jnp.ones(3)}, s),
         ValueError,
-        "params['w'] has shape (3,), but the EMA's leaf has shape (2,)",
+        "w has shape (3,) in params but (2,) in the EMA",
     ),
 ]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import pathlib
 import shutil
 
@@ -19,7 +20,7 @@ def train_digits_nnx():
     return module
 
 
-def test_example_trains_resumes_and_reports(train_digits_nnx, tmp_path, capsys):
+def test_example_trains_resumes_and_reports(train_digits_nnx, tmp_path, capsys, caplog):
     argv = ["--quick", "--no-progress", "--workdir", str(tmp_path)]
     first = train_digits_nnx.main(argv)
     out = capsys.readouterr().out
@@ -49,6 +50,19 @@ def test_example_trains_resumes_and_reports(train_digits_nnx, tmp_path, capsys):
     third = train_digits_nnx.main([*argv, "--no-plot"])
     assert "nothing to train" in capsys.readouterr().out
     assert third["trained_epochs"] == 0 and third["history"] == first["history"]
+
+    # A damaged last checkpoint (a flipped byte in its largest data file): skipped with
+    # a warning naming it, deleted, and the epoch after the intact one trained again.
+    data = [p for p in (tmp_path / "checkpoints" / "16").rglob("*") if p.parent.name == "d"]
+    largest = max(data, key=lambda p: p.stat().st_size)
+    damaged = bytearray(largest.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    largest.write_bytes(bytes(damaged))
+    with caplog.at_level(logging.WARNING, logger="ema_jax"):
+        fourth = train_digits_nnx.main([*argv, "--no-plot"])
+    assert "skipped checkpoint step 16" in caplog.text
+    assert "Deleted checkpoint step 16: it failed verification" in capsys.readouterr().out
+    assert fourth["trained_epochs"] == 1 and fourth["history"] == first["history"]
 
     # Other settings in the same workdir would mix two runs.
     with pytest.raises(SystemExit, match="holds a run with other settings"):

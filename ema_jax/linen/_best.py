@@ -12,15 +12,11 @@ from typing import Literal
 
 import orbax.checkpoint as ocp
 
+from ema_jax import _checkpoint as ckpt
+from ema_jax._checkpoint import RECORD_KEY
+from ema_jax._checkpoint import make_record
+from ema_jax._trees import leaves_by_path
 from ema_jax.linen._checkpoint import check_fits
-from ema_jax.linen._checkpoint import read
-from ema_jax.linen._checkpoint import read_metadata
-from ema_jax.linen._integrity import RECORD_KEY
-from ema_jax.linen._integrity import cast_like
-from ema_jax.linen._integrity import leaves_by_path
-from ema_jax.linen._integrity import make_record
-from ema_jax.linen._integrity import saved_dtypes
-from ema_jax.linen._integrity import verify
 from ema_jax.linen._train_state import EmaTrainState
 
 PyTree = Any
@@ -87,7 +83,7 @@ class BestCheckpoints:
         self.raw_metric = raw_metric
         self.ema_metric = ema_metric
         self.mode = mode
-        self.directory = os.fspath(directory)
+        self.directory = ckpt.absolute(directory)  # orbax refuses relative paths
         worst = -math.inf if mode == "max" else math.inf
         self._metric_of: dict[Which, str] = {"raw": raw_metric, "ema": ema_metric}
         self._managers: dict[Which, ocp.CheckpointManager] = {}
@@ -201,13 +197,11 @@ class BestCheckpoints:
             raise FileNotFoundError(f"no finalized checkpoint in {manager.directory}")
         item = _eval_variables(target, which)
         where = f"checkpoint step {step} in {manager.directory}"
-        tree, record = read_metadata(manager, step, where)
+        tree, record = ckpt.read_metadata(manager, step, where)
         check_fits(leaves_by_path(tree), leaves_by_path(item), where)
         if record is None:  # kept by an ema_jax that did not checksum
-            return read(manager, step, item, where)
-        restored = read(manager, step, saved_dtypes(item, record["arrays"]), where)
-        verify(record["arrays"], restored, where, step, manager.directory)
-        return cast_like(restored, item)
+            return ckpt.read(manager, step, item, where)
+        return ckpt.read_verified(manager, step, item, record, where)
 
     def wait_until_finished(self) -> None:
         """Blocks until both managers' asynchronous saves are written."""

@@ -14,68 +14,31 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 
-from ema_jax.linen._integrity import RECORD_KEY
-from ema_jax.linen._integrity import CorruptCheckpointError
-from ema_jax.linen._integrity import EmaSettingsMismatchError
-from ema_jax.linen._integrity import cast_like
-from ema_jax.linen._integrity import corrupt
-from ema_jax.linen._integrity import ema_changes
-from ema_jax.linen._integrity import first_unreadable
-from ema_jax.linen._integrity import leaves_by_path
-from ema_jax.linen._integrity import make_record
-from ema_jax.linen._integrity import quiet_storage
-from ema_jax.linen._integrity import read_record
-from ema_jax.linen._integrity import saved_dtypes
-from ema_jax.linen._integrity import storage_summary
-from ema_jax.linen._integrity import verify
+from ema_jax import _checkpoint as ckpt
+from ema_jax._checkpoint import RECORD_KEY
+from ema_jax._checkpoint import corrupt
+from ema_jax._checkpoint import make_record
+from ema_jax._trees import fit_problem
+from ema_jax._trees import leaves_by_path
 from ema_jax.linen._train_state import EmaTrainState
 
 PyTree = Any
 
 _LOG = logging.getLogger("ema_jax")
-_NO_METADATA = (
-    "cannot read the structure of checkpoint step {step} in {directory}: orbax reads"
-    " item metadata only through a registered handler, so create the manager with"
-    " ocp.CheckpointManager(directory, item_handlers=ocp.StandardCheckpointHandler())"
-)
 _UNVERIFIED = (
     "it was saved without ema_jax.save_checkpoint, so its arrays cannot be verified"
     " and its EMA settings cannot be compared"
 )
 
 
-def _shape(x: Any) -> tuple[int, ...]:
-    """The shape of an array, a ``jax.ShapeDtypeStruct``, orbax metadata or a scalar."""
-    shape = getattr(x, "shape", None)
-    return tuple(np.shape(x) if shape is None else shape)
-
-
-def check_fits(saved: dict[str, Any], target: dict[str, Any], where: str) -> None:
+def check_fits(saved: Mapping[str, Any], target: Mapping[str, Any], where: str) -> None:
     """Raises ValueError naming the first leaf that is missing, extra or of another shape."""
-    problem = None
-    for path, leaf in target.items():
-        if path not in saved:
-            problem = f"the target's leaf {path} is not in the checkpoint"
-        elif _shape(saved[path]) != _shape(leaf):
-            problem = (
-                f"{path} has shape {_shape(saved[path])} in the checkpoint but"
-                f" {_shape(leaf)} in the target"
-            )
-        if problem is not None:
-            break
-    extra = [path for path in saved if path not in target]
-    if problem is None and extra:
-        problem = f"the checkpoint's leaf {extra[0]} is not in the target"
+    problem = fit_problem(saved, target, got_name="the checkpoint", want_name="the target")
     if problem is not None:
-        missing = [path for path in target if path not in saved]
-        counts = f"{len(missing)} missing, {len(extra)} extra of {len(target)} target leaves"
         raise ValueError(
-            f"{where} does not fit the target: {problem} ({counts});"
-            " is it a checkpoint of another model?"
+            f"{where} does not fit the target: {problem}; is it a checkpoint of another model?"
         )
 
 
@@ -89,64 +52,6 @@ def _place_like(tree: PyTree, like: PyTree) -> PyTree:
     pairs = zip(jax.tree.leaves(tree), jax.tree.leaves(like), strict=True)
     leaves = [put(x, ref) for x, ref in pairs]
     return jax.tree.unflatten(jax.tree.structure(like), leaves)
-
-
-def _item_directory(manager: ocp.CheckpointManager, step: int) -> epath.Path:
-    """Where the manager keeps the default item of a finalized ``step``."""
-    # The manager's step naming (prefix, zero padding) is not public; orbax's default
-    # is what CheckpointManagerOptions builds when none is given.
-    name_format = getattr(manager, "_step_name_format", None) or ocp.step.standard_name_format()
-    path = ocp.step.find_step_path(manager.directory, name_format, step=step)
-    return path / ocp.checkpoint_manager.DEFAULT_ITEM_NAME
-
-
-def read_metadata(
-    manager: ocp.CheckpointManager, step: int, where: str
-) -> tuple[Mapping[str, Any], dict[str, Any] | None]:
-    """The tree metadata of a step and ema_jax's record in it (None if saved without).
-
-    Raises CorruptCheckpointError when the metadata cannot be read, and the
-    registered-handler ValueError when the manager has no handler to read it with.
-    """
-    directory = manager.directory
-    with quiet_storage() as quiet:
-        try:
-            metadata = manager.item_metadata(step)
-        except Exception as err:
-            quiet.failed = True
-            problem = f"its metadata cannot be read ({storage_summary(err)})"
-            raise corrupt(where, step, directory, problem) from None
-        tree = getattr(metadata, "tree", metadata)
-        if not isinstance(tree, Mapping):
-            # orbax returns None both when the manager lacks a handler and when the
-            # item's metadata file is gone or unreadable: ask a handler directly.
-            try:
-                ocp.PyTreeCheckpointHandler().metadata(_item_directory(manager, step))
-            except Exception as err:
-                quiet.failed = True
-                problem = f"its tree metadata cannot be read ({storage_summary(err)})"
-                raise corrupt(where, step, directory, problem) from None
-            raise ValueError(_NO_METADATA.format(step=step, directory=directory))
-    return tree, read_record(metadata, where, step, directory)
-
-
-def read(manager: ocp.CheckpointManager, step: int, item: PyTree, where: str) -> PyTree:
-    """``manager.restore`` of ``item``; a read that fails is a CorruptCheckpointError."""
-    with quiet_storage() as quiet:
-        try:
-            return manager.restore(step, args=ocp.args.StandardRestore(item))
-        except MemoryError:
-            raise
-        except Exception as err:
-            quiet.failed = True
-            summary = storage_summary(err)
-            try:
-                path = first_unreadable(_item_directory(manager, step), item)
-            except Exception:  # the diagnosis is a courtesy; the read failed either way
-                path = None
-    what = "an array" if path is None else path
-    problem = f"{what} cannot be read ({summary})"
-    raise corrupt(where, step, manager.directory, problem, path)
 
 
 def save_checkpoint(
@@ -201,6 +106,7 @@ def save_checkpoint(
     meta = dict(custom_metadata or {})
     if RECORD_KEY in meta:
         raise ValueError(f"custom_metadata must not use the key {RECORD_KEY!r}: it is ema_jax's")
+    ckpt.check_manager(manager, "save_checkpoint")
     meta[RECORD_KEY] = make_record(state, state.ema.settings())
     return manager.save(
         int(state.step), args=ocp.args.StandardSave(state, custom_metadata=meta), metrics=metrics
@@ -243,9 +149,11 @@ def restore_checkpoint(
       target: the state to restore into, concrete or abstract.
       step: the step to restore; None restores the newest intact one.
       allow_ema_change: accept a checkpoint whose EMA has another schedule or
-        ``ema_dtype`` than ``target.ema`` (you changed the EMA on purpose): its values
-        are kept, cast to the target's dtype, and the target's settings apply from
-        then on; a warning lists the changes.
+        ``ema_dtype`` than ``target.ema``, or averaged leaves in another dtype (a
+        float32 EMA restored into bfloat16 parameters with ``ema_dtype=None``); you
+        changed the EMA on purpose: its values are kept, cast to the target's dtype,
+        and the target's settings apply from then on; a warning lists the changes.
+        Another number of averages raises even so.
 
     Returns:
       The restored state.
@@ -255,8 +163,9 @@ def restore_checkpoint(
         manager's directory.
       CorruptCheckpointError: the step (with ``step=None``: every step) fails
         verification or cannot be read; names the step and the first bad array.
-      EmaSettingsMismatchError: the checkpoint's EMA has another schedule or
-        ``ema_dtype`` (a ``ValueError``); names each difference.
+      EmaSettingsMismatchError: the checkpoint's EMA has another schedule,
+        ``ema_dtype``, number of averages, or averaged leaves in another dtype (a
+        ``ValueError``); names each difference.
       ValueError: the checkpoint does not fit ``target`` (another model): names the
         first differing leaf.
 
@@ -286,38 +195,9 @@ def restore_checkpoint(
         raise TypeError(f"target must be an ema_jax.EmaTrainState, got {type(target).__name__}")
     if not isinstance(allow_ema_change, bool):
         raise TypeError(f"allow_ema_change must be a bool, got {allow_ema_change!r}")
-    manager.wait_until_finished()
-    directory = manager.directory
-    # Only finalized steps are listed: the manager builds its step list with
-    # NameFormat.find_all ("NOTE: Ignores uncommitted checkpoints.",
-    # orbax/checkpoint/_src/path/step.py), whose _StandardNameFormat._build_metadata
-    # drops every path that temporary_paths.is_path_finalized rejects (a
-    # "*.orbax-checkpoint-tmp-*" directory, or one without its commit marker).
-    steps = sorted(manager.all_steps())
-    if step is not None:
-        if step not in steps:
-            raise FileNotFoundError(
-                f"no finalized checkpoint for step {step} in {directory}; it has steps {steps}"
-            )
-        return _restore_step(manager, target, step, allow_ema_change)
-    if not steps:
-        raise FileNotFoundError(f"no finalized checkpoint in {directory}")
-    errors = []
-    for candidate in reversed(steps):
-        try:
-            return _restore_step(manager, target, candidate, allow_ema_change)
-        except CorruptCheckpointError as err:
-            errors.append(err)
-            _LOG.warning(
-                "skipped checkpoint step %d: %s; trying the step before it", candidate, err
-            )
-    newest = errors[0]
-    raise CorruptCheckpointError(
-        f"no intact checkpoint in {directory}: all {len(steps)} steps fail verification;"
-        f" the newest: {newest}",
-        step=newest.step,
-        directory=directory,
-        path=newest.path,
+    ckpt.check_manager(manager, "restore_checkpoint")
+    return ckpt.newest_intact(
+        manager, step, lambda at: _restore_step(manager, target, at, allow_ema_change)
     )
 
 
@@ -326,36 +206,32 @@ def _restore_step(
 ) -> EmaTrainState:
     directory = manager.directory
     where = f"checkpoint step {step} in {directory}"
-    tree, record = read_metadata(manager, step, where)
-    saved = leaves_by_path(tree)
+    tree, record = ckpt.read_metadata(manager, step, where)
     if tree.get("ema_state") is None:
         if record is not None and "ema" in record:  # save_checkpoint wrote an EmaTrainState
             raise corrupt(where, step, directory, "its tree has lost ema_state", "ema_state")
         return _restore_plain(manager, target, step, tree, where)
 
-    check_fits(saved, leaves_by_path(target), where)
+    wanted = leaves_by_path(target)
     if record is None:
-        restored = read(manager, step, target, where)
+        check_fits(leaves_by_path(tree), wanted, where)
+        restored = ckpt.read(manager, step, target, where)
         _LOG.warning("%s restores unverified: %s", where, _UNVERIFIED)
         return restored
-    changes = ema_changes(record["ema"], target.ema.settings()) if "ema" in record else []
-    if changes and not allow_ema_change:
-        raise EmaSettingsMismatchError(
-            f"{where} holds an EMA with other settings than the target's: "
-            + "; ".join(changes)
-            + ". To keep its EMA values and continue with the target's settings, pass"
-            " allow_ema_change=True to restore_checkpoint"
-        )
-    restored = read(manager, step, saved_dtypes(target, record["arrays"]), where)
-    verify(record["arrays"], restored, where, step, directory)
-    if changes:
-        _LOG.warning(
-            "%s: the EMA's settings change (%s); its values are kept, in the target's"
-            " dtype, and the target's settings apply from now on",
-            where,
-            "; ".join(changes),
-        )
-    return cast_like(restored, target)
+    # The settings first: another number of averages changes the shapes, and is named
+    # as what it is rather than as another model.
+    changes = ckpt.check_settings(
+        record.get("ema"),
+        target.ema.settings(),
+        ckpt.dtype_changes(record["arrays"], wanted, ("ema_state.ema.",)),
+        where,
+        allow_ema_change,
+        "restore_checkpoint",
+    )
+    check_fits(leaves_by_path(tree), wanted, where)
+    restored = ckpt.read_verified(manager, step, target, record, where)
+    ckpt.log_allowed(where, changes)
+    return restored
 
 
 def _restore_plain(
@@ -375,7 +251,7 @@ def _restore_plain(
         {p: x for p, x in expected.items() if not p.startswith("ema_state.")},
         where,
     )
-    restored = read(manager, step, raw, where)
+    restored = ckpt.read(manager, step, raw, where)
     batch_stats = restored.get("batch_stats")
     variables = {"params": restored["params"]}
     if batch_stats is not None:

@@ -19,6 +19,8 @@ from jax.sharding import PartitionSpec
 
 from ema_jax import _accumulation
 from ema_jax._transform import EmaState
+from ema_jax._trees import fit_problem
+from ema_jax._trees import leaf_path
 
 M = TypeVar("M")
 
@@ -52,14 +54,6 @@ def _averaged(only: filterlib.Filter) -> filterlib.Filter:
 def _describe(x: Any) -> str:
     text = repr(x)
     return f"{type(x).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
-
-
-def _path(path: tuple[Any, ...]) -> str:
-    """``("layers", 0, "kernel")`` as ``.layers[0].kernel``: the attribute access."""
-    out = ""
-    for key in path:
-        out += f".{key}" if isinstance(key, str) and key.isidentifier() else f"[{key!r}]"
-    return out
 
 
 def _check_model(model: Any, where: str) -> None:
@@ -202,8 +196,9 @@ class Ema(nnx.Pytree):
         for path, variable in flat:
             if not _numeric(variable.get_value()):
                 raise TypeError(
-                    f"model{_path(path)} holds {_describe(variable.get_value())}, not a"
-                    f" numeric array: leave it out of only={only!r}"
+                    f"the model's variable {leaf_path(path)} holds"
+                    f" {_describe(variable.get_value())}, not a numeric array: leave it out"
+                    f" of only={only!r}"
                 )
         state = ema.init(nnx.as_pure(selected))
         place = _replicated_like(jax.tree.leaves(state.ema))
@@ -342,41 +337,21 @@ class Ema(nnx.Pytree):
     def _matching(self, model: Any, method: str) -> nnx.State:
         """``model``'s averaged variables, after checking they match the EMA's."""
         current = nnx.state(model, _averaged(self.filter))
-        got = dict(nnx.to_flat_state(current))
-        want = dict(nnx.to_flat_state(self.params))
-        problem = None
-        missing = [p for p in want if p not in got]
-        extra = [p for p in got if p not in want]
-        if missing:
-            problem = f"model{_path(missing[0])} is missing"
-        elif extra:
-            problem = f"model{_path(extra[0])} is not in the EMA"
-        else:
-            for path, e in want.items():
-                v, where = got[path], f"model{_path(path)}"
-                if type(v) is not type(e):
-                    problem = f"{where} is a {type(v).__name__}, the EMA's a {type(e).__name__}"
-                elif jnp.shape(v.get_value()) != (e_shape := self._shape(e)):
-                    problem = f"{where} has shape {jnp.shape(v.get_value())}, the EMA's {e_shape}"
-                elif _is_float(v) != _is_float(e):
-                    problem = (
-                        f"{where} has dtype {jnp.result_type(v.get_value())}, the EMA's"
-                        f" {jnp.result_type(e.get_value())}"
-                    )
-                if problem:
-                    break
+        problem = fit_problem(
+            {leaf_path(path): v for path, v in nnx.to_flat_state(current)},
+            {leaf_path(path): e for path, e in nnx.to_flat_state(self.params)},
+            got_name="the model",
+            want_name="the EMA",
+            stacked=_several(self.transform),
+            kind=_is_float,
+            same_type=True,
+        )
         if problem:
             raise ValueError(
-                f"Ema.{method}: model does not match the EMA's variables: {problem}"
-                f" ({len(missing)} missing, {len(extra)} extra of {len(want)}); is it"
+                f"Ema.{method}: model does not match the EMA's variables: {problem}; is it"
                 " another model?"
             )
         return current
-
-    def _shape(self, e: nnx.Variable) -> tuple[int, ...]:
-        """An EMA variable's shape without the trailing axis of several averages."""
-        shape = jnp.shape(e.get_value())
-        return shape[:-1] if _several(self.transform) else shape
 
 
 def _unchanged(params: Any, state: EmaState) -> EmaState:

@@ -8,9 +8,9 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
-from ema_jax.linen._integrity import RECORD_KEY
-from ema_jax.linen._integrity import CorruptCheckpointError
-from ema_jax.linen._integrity import make_record
+from ema_jax._checkpoint import RECORD_KEY
+from ema_jax._checkpoint import CorruptCheckpointError
+from ema_jax._checkpoint import make_record
 from ema_jax.posthoc._format import SnapshotMismatchError
 from ema_jax.posthoc._format import SnapshotNotFoundError
 from ema_jax.posthoc._format import disk_bytes

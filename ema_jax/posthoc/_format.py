@@ -19,12 +19,10 @@ from typing import NamedTuple
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ema_jax.linen._checkpoint import _item_directory
-from ema_jax.linen._integrity import RECORD_KEY
-from ema_jax.linen._integrity import corrupt
-from ema_jax.linen._integrity import leaves_by_path
-from ema_jax.linen._integrity import read_record
-from ema_jax.linen._integrity import storage_summary
+from ema_jax import _checkpoint as ckpt
+from ema_jax._checkpoint import RECORD_KEY
+from ema_jax._checkpoint import corrupt
+from ema_jax._trees import leaves_by_path
 from ema_jax.schedules import PowerFunction
 
 PyTree = Any
@@ -88,7 +86,7 @@ def describe_leaves(variables: PyTree) -> tuple[str, dict[str, dict[str, Any]]]:
 
 def open_manager(directory: str | os.PathLike[str]) -> ocp.CheckpointManager:
     """A read-only manager of a snapshot directory; SnapshotNotFoundError if it has none."""
-    path = os.fspath(directory)
+    path = ckpt.absolute(directory)  # orbax refuses relative paths
     if not os.path.isdir(path):
         raise SnapshotNotFoundError(f"no post-hoc snapshots: {path} is not a directory")
     manager = ocp.CheckpointManager(path, item_handlers=ocp.StandardCheckpointHandler())
@@ -103,22 +101,12 @@ def read_snapshot(
 ) -> tuple[SnapshotInfo, Mapping[str, Any], dict[str, Any]]:
     """A snapshot's :class:`SnapshotInfo`, its tree metadata and ema_jax's record.
 
-    Reads orbax directly rather than through ``linen._checkpoint.read_metadata``, whose
-    ``quiet_storage`` runs ``gc.collect()`` on every call (a quarter of a second each
-    in a process that has JAX loaded; a reconstruction reads many snapshots).
-
     Raises:
       CorruptCheckpointError: the metadata cannot be read.
       SnapshotNotFoundError: the step is a checkpoint but not a post-hoc snapshot.
     """
     where = f"snapshot step {step} in {manager.directory}"
-    try:
-        metadata = manager.item_metadata(step)
-    except Exception as err:  # any failure to read is a damaged snapshot
-        problem = f"its metadata cannot be read ({storage_summary(err)})"
-        raise corrupt(where, step, manager.directory, problem) from None
-    tree = getattr(metadata, "tree", None)
-    record = read_record(metadata, where, step, manager.directory)
+    tree, record = ckpt.read_metadata(manager, step, where)
     entry = None if record is None else record.get(POSTHOC_KEY)
     if record is None or not isinstance(entry, Mapping):
         raise SnapshotNotFoundError(
@@ -173,7 +161,7 @@ def list_snapshots(directory: str | os.PathLike[str]) -> list[SnapshotInfo]:
 
 def disk_bytes(manager: ocp.CheckpointManager, step: int) -> int:
     """Bytes on disk of one snapshot (its step directory)."""
-    root = _item_directory(manager, step).parent
+    root = ckpt.item_directory(manager, step).parent
     return sum(
         os.path.getsize(os.path.join(folder, name))
         for folder, _, names in os.walk(root)

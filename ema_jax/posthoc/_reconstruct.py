@@ -14,12 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ema_jax import _checkpoint as ckpt
 from ema_jax import _validate
-from ema_jax.linen._checkpoint import check_fits
-from ema_jax.linen._integrity import corrupt
-from ema_jax.linen._integrity import leaves_by_path
-from ema_jax.linen._integrity import storage_summary
-from ema_jax.linen._integrity import verify
+from ema_jax._trees import fit_problem
+from ema_jax._trees import leaves_by_path
 from ema_jax.posthoc import _math
 from ema_jax.posthoc._format import SnapshotInfo
 from ema_jax.posthoc._format import SnapshotMismatchError
@@ -177,15 +175,7 @@ def _load(manager: ocp.CheckpointManager, found: _Found) -> PyTree:
     step = found.info.step
     where = f"snapshot step {step} in {manager.directory}"
     item = jax.tree.map(lambda m: np.empty(m.shape, m.dtype), dict(found.tree))
-    try:
-        restored = manager.restore(step, args=ocp.args.StandardRestore(item))
-    except MemoryError:
-        raise
-    except Exception as err:  # any failure to read is a damaged snapshot
-        problem = f"its arrays cannot be read ({storage_summary(err)})"
-        raise corrupt(where, step, manager.directory, problem) from None
-    verify(found.record["arrays"], restored, where, step, manager.directory)
-    return restored
+    return ckpt.read_verified(manager, step, item, found.record, where)
 
 
 def reconstruct(
@@ -250,11 +240,13 @@ def reconstruct(
                 jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), like)
             )
             if fingerprint != newest.fingerprint:
-                try:
-                    check_fits(dict(newest.leaves), leaves, f"the snapshots in {directory}")
-                except ValueError as err:
-                    raise SnapshotMismatchError(str(err)) from None
-                raise SnapshotMismatchError(f"the snapshots in {directory} are of another model")
+                problem = fit_problem(
+                    dict(newest.leaves), leaves, got_name="the snapshots", want_name="like"
+                )
+                raise SnapshotMismatchError(
+                    f"the snapshots in {manager.directory} are of another model"
+                    + ("" if problem is None else f": {problem}")
+                )
         solutions = [_solve(infos, s) for s in targets]
         index = {source: i for i, source in enumerate(solutions[0].sources)}
         sums: list[dict[str, np.ndarray]] = [{} for _ in solutions]

@@ -11,13 +11,14 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from ema_jax import _checkpoint as ckpt
 from ema_jax import _validate
+from ema_jax._checkpoint import RECORD_KEY
+from ema_jax._checkpoint import make_record
 from ema_jax._transform import Ema
 from ema_jax._transform import EmaState
 from ema_jax._transform import ema as make_ema
-from ema_jax.linen._integrity import RECORD_KEY
-from ema_jax.linen._integrity import make_record
-from ema_jax.linen._train_state import EmaTrainState
+from ema_jax.linen import EmaTrainState
 from ema_jax.posthoc import _math
 from ema_jax.posthoc._format import FORMAT
 from ema_jax.posthoc._format import POSTHOC_KEY
@@ -119,7 +120,7 @@ class Snapshots:
         dtype: Any = None,
         which: Sequence[int | str] | None = None,
     ) -> None:
-        self.directory = os.fspath(directory)
+        self.directory = ckpt.absolute(directory)  # orbax refuses relative paths
         self.snapshot_every = _validate.check_positive_int("snapshot_every", snapshot_every)
         self.dtype = None if dtype is None else _validate.resolve_dtype(dtype, "dtype")
         if which is not None and (isinstance(which, str) or not isinstance(which, Sequence)):
