@@ -1,0 +1,140 @@
+"""Reading snapshots a few leaves at a time, so that reconstructing holds bounded memory.
+
+A reconstruction sums, per width, ``x_i`` times every snapshot's average in float64:
+held whole, that is one float64 copy of the model per width. Here the leaves are split
+into groups and the widths into batches so that the float64 sums held at once stay
+under :data:`MEMORY_BUDGET` (or one width's sum of the largest leaf, if larger); each
+group of leaves is read from each snapshot with orbax's partial restore (the other
+leaves as ``PLACEHOLDER``) and checked against its CRC-32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from ema_jax.linen._checkpoint import _item_directory
+from ema_jax.linen._integrity import corrupt
+from ema_jax.linen._integrity import key_name
+from ema_jax.linen._integrity import storage_summary
+from ema_jax.linen._integrity import verify
+
+PyTree = Any
+
+# The float64 sums (and, where results are written as they finish, the finished
+# results) held at once, in bytes: beyond it the widths are reconstructed in batches,
+# one pass over the snapshots each. One width's sum of the largest leaf is always held.
+MEMORY_BUDGET = 64 * 2**20
+
+
+def _size(entry: Mapping[str, Any]) -> int:
+    return int(np.prod(entry["shape"], dtype=np.int64))
+
+
+def plan(
+    leaves: Mapping[str, Mapping[str, Any]],
+    widths: int,
+    *,
+    result_bytes: int = 0,
+    budget: int | None = None,
+) -> tuple[list[list[str]], int]:
+    """Groups of leaf paths read together, and how many widths one pass reconstructs.
+
+    The groups are consecutive leaves of at most ``budget / widths`` float64 bytes (one
+    leaf at least), so that with every width in one pass the sums of one group fit the
+    budget; where a leaf alone is larger the widths go in batches. ``result_bytes``:
+    what one width's finished result holds until it is handed over (0 when the results
+    are returned anyway).
+
+    Example:
+      >>> leaves = {"a": {"shape": [1000]}, "b": {"shape": [10, 10]}, "c": {"shape": [5]}}
+      >>> plan(leaves, 1, budget=16000)  # every leaf in one read, the width in one pass
+      ([['a', 'b', 'c']], 1)
+      >>> plan(leaves, 4, budget=16000)  # 4000 bytes per group: 'a' alone, 2 widths a pass
+      ([['a'], ['b', 'c']], 2)
+    """
+    budget = MEMORY_BUDGET if budget is None else budget
+    per_group = max(budget // max(widths, 1), 1)
+    groups: list[list[str]] = []
+    total = 0
+    for path, entry in leaves.items():
+        nbytes = 8 * _size(entry)
+        if groups and total + nbytes <= per_group:
+            groups[-1].append(path)
+            total += nbytes
+        else:
+            groups.append([path])
+            total = nbytes
+    largest = max((8 * sum(_size(leaves[p]) for p in group) for group in groups), default=0)
+    batch = max(1, budget // max(largest + result_bytes, 1))
+    return groups, min(batch, max(widths, 1))
+
+
+class Reader:
+    """Reads chosen leaves of a snapshot as NumPy, checked against their CRC-32."""
+
+    def __init__(self, manager: ocp.CheckpointManager) -> None:
+        self._manager = manager
+        self._handler = ocp.PyTreeCheckpointHandler()
+
+    def read(
+        self, step: int, tree: Mapping[str, Any], record: Mapping[str, Any], paths: Sequence[str]
+    ) -> dict[str, np.ndarray]:
+        """``{path: array}`` for the dotted ``paths`` of the snapshot at ``step``.
+
+        Args:
+          step: the snapshot's step.
+          tree: orbax's tree metadata of the snapshot.
+          record: ema_jax's record of the snapshot (its ``"arrays"`` hold the CRC-32s).
+          paths: dotted leaf paths (``"averages.0.05.params.w"``).
+
+        Raises:
+          CorruptCheckpointError: a leaf is missing, cannot be read, or fails its CRC-32.
+        """
+        manager = self._manager
+        where = f"snapshot step {step} in {manager.directory}"
+        wanted = set(paths)
+        found: set[str] = set()
+
+        def pick(path: tuple[Any, ...], meta: Any) -> Any:
+            name = ".".join(key_name(k) for k in path)
+            if name not in wanted:
+                return ocp.PLACEHOLDER
+            found.add(name)
+            return np.empty((0,), np.dtype(meta.dtype))  # only its type matters
+
+        item = jax.tree_util.tree_map_with_path(pick, dict(tree))
+        missing = [p for p in paths if p not in found]
+        if missing:
+            raise corrupt(where, step, manager.directory, f"{missing[0]} is not in its tree", missing[0])
+        restore_args = jax.tree.map(
+            lambda x: x if x is ocp.PLACEHOLDER else ocp.RestoreArgs(restore_type=np.ndarray),
+            item,
+        )
+        try:
+            restored = self._handler.restore(
+                _item_directory(manager, step),
+                args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args),
+            )
+        except MemoryError:
+            raise
+        except Exception as err:  # any failure to read is a damaged snapshot
+            problem = f"its arrays cannot be read ({storage_summary(err)})"
+            raise corrupt(where, step, manager.directory, problem) from None
+        flat, _ = jax.tree_util.tree_flatten_with_path(restored)
+        arrays = {
+            ".".join(key_name(k) for k in path): np.asarray(x)
+            for path, x in flat
+            if x is not ocp.PLACEHOLDER
+        }
+        saved = {p: record["arrays"][p] for p in paths if p in record["arrays"]}
+        verify(saved, arrays, where, step, manager.directory)
+        return arrays
+
+    def close(self) -> None:
+        self._handler.close()
