@@ -120,9 +120,11 @@ def test_snapshots_of_two_batch_sizes_in_one_directory_are_refused(tmp_path):
     ema = posthoc.trackers(batch_size=4)
     state = ema.update({"w": jnp.zeros(16)}, ema.init({"w": jnp.zeros(16)}))
     state = state._replace(step=jnp.asarray(50, jnp.int32))
-    with posthoc.Snapshots(tmp_path / "b", snapshot_every=10) as snapshots:
-        with pytest.raises(posthoc.SnapshotMismatchError, match="batch_size 16.0 vs 4.0"):
-            snapshots.save(state, ema=ema, step=50)
+    with (
+        posthoc.Snapshots(tmp_path / "b", snapshot_every=10) as snapshots,
+        pytest.raises(posthoc.SnapshotMismatchError, match=r"batch_size 16\.0 vs 4\.0"),
+    ):
+        snapshots.save(state, ema=ema, step=50)
 
 
 @pytest.mark.bad_input

@@ -89,7 +89,9 @@ def test_writes_one_checkpoint_per_sigma_rel_equal_to_reconstruct(snapshot_dir, 
     printed = captured.out.splitlines()
     # 3 snapshots per average: 0.07's profile is missed by more than WARN_RESIDUAL.
     warned = captured.err.splitlines()
-    assert len(warned) == 1 and warned[0].startswith("WARNING (--allow-extrapolation): sigma_rel=0.07")
+    assert len(warned) == 1 and warned[0].startswith(
+        "WARNING (--allow-extrapolation): sigma_rel=0.07"
+    )
     assert printed[0].split()[:4] == ["sigma_rel", "gamma", "step", "residual"]
     assert sorted(p.name for p in out.iterdir()) == [
         "sigma_rel_0.05_step_15",

@@ -2,7 +2,7 @@
 
 A reconstruction is only as good as the least-squares fit of its profile
 (``Coefficients.residual``, the relative L2 error of the reconstructed weighting over
-time). A width 10% away from the target has a profile about 0.07 away in that norm
+time). A width 2.5% wider than 0.07 has a profile 0.02 away in that norm, one 13% wider 0.1
 (docs/posthoc.md, the ``thresholds`` table), so:
 
 - residual <= :data:`WARN_RESIDUAL`: the reconstruction is the target's (silent);
@@ -27,8 +27,8 @@ from ema_jax.posthoc._format import POSTHOC_KEY
 from ema_jax.posthoc._format import SnapshotMismatchError
 from ema_jax.schedules import _edm
 
-WARN_RESIDUAL = 0.02  # about the profile distance of a width 3% away
-MAX_RESIDUAL = 0.1  # about that of a width 13% away: another width's average
+WARN_RESIDUAL = 0.02  # the profile distance of a width 2.5% away (at 0.07)
+MAX_RESIDUAL = 0.1  # that of a width 13% away: another width's average
 SETTINGS = ("gamma", "batch_size", "update_period")  # what fixes an average's profile
 
 
@@ -47,7 +47,8 @@ class ExtrapolationError(ValueError):
 def settings(record: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """``{average name: {"gamma", "batch_size", "update_period"}}`` of a snapshot's record."""
     return {
-        str(a["name"]): {key: a.get(key) for key in SETTINGS} for a in record[POSTHOC_KEY]["averages"]
+        str(a["name"]): {key: a.get(key) for key in SETTINGS}
+        for a in record[POSTHOC_KEY]["averages"]
     }
 
 
@@ -60,12 +61,16 @@ def settings_difference(
     for name in one:
         for key in SETTINGS:
             a, b = one[name][key], other[name][key]
-            if a != b and not (isinstance(a, float) and isinstance(b, float) and math.isclose(a, b)):
+            if a != b and not (
+                isinstance(a, float) and isinstance(b, float) and math.isclose(a, b)
+            ):
                 return f"average {name!r} has {key} {a!r} vs {b!r}"
     return None
 
 
-def check_one_run(directory: Any, steps: Sequence[int], records: Sequence[Mapping[str, Any]]) -> None:
+def check_one_run(
+    directory: Any, steps: Sequence[int], records: Sequence[Mapping[str, Any]]
+) -> None:
     """Refuses snapshots whose averages were saved with other settings than the newest's.
 
     Raises:
@@ -73,7 +78,9 @@ def check_one_run(directory: Any, steps: Sequence[int], records: Sequence[Mappin
         the first difference (batch size, exponents, update period, averages).
     """
     newest = settings(records[-1])
-    odd = [(s, settings_difference(settings(r), newest)) for s, r in zip(steps, records, strict=True)]
+    odd = [
+        (s, settings_difference(settings(r), newest)) for s, r in zip(steps, records, strict=True)
+    ]
     odd = [(s, why) for s, why in odd if why is not None]
     if odd:
         listed = [s for s, _ in odd]
@@ -85,9 +92,7 @@ def check_one_run(directory: Any, steps: Sequence[int], records: Sequence[Mappin
         )
 
 
-def suggest(
-    tracked: Sequence[float], times: Sequence[float], time: float, sigma_rel: float
-) -> str:
+def suggest(tracked: Sequence[float], times: Sequence[float], time: float, sigma_rel: float) -> str:
     """Trackers that span ``sigma_rel``, with the residual they would give at these times."""
     top = 0.99 * _edm.SIGMA_REL_OF_GAMMA_0
     low = min(min(tracked), sigma_rel / 1.25)
@@ -128,12 +133,13 @@ def check_residual(
         f"sigma_rel={c.sigma_rel:g} is reconstructed at step {c.step} from {source} of"
         f" sigma_rel {', '.join(f'{s:g}' for s in sorted(tracked))} with residual"
         f" {c.residual:.2g} (the relative L2 error of its profile; above {WARN_RESIDUAL:g} it"
-        " is farther from the target than the profile of a width 3% away):"
+        " is farther from the target than a width 2.5% wider is):"
         f" {suggest(tracked, times, c.time, c.sigma_rel)}"
     )
     if c.residual > MAX_RESIDUAL and not allow_extrapolation:
         raise ExtrapolationError(
-            message + f"; allow_extrapolation=True returns it anyway (residual above {MAX_RESIDUAL:g})"
+            message
+            + f"; allow_extrapolation=True returns it anyway (residual above {MAX_RESIDUAL:g})"
         )
     warnings.warn(message, ExtrapolationWarning, stacklevel=stacklevel)
 

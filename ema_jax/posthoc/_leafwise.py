@@ -111,7 +111,9 @@ class Reader:
         item = jax.tree_util.tree_map_with_path(pick, dict(tree))
         missing = [p for p in paths if p not in found]
         if missing:
-            raise corrupt(where, step, manager.directory, f"{missing[0]} is not in its tree", missing[0])
+            raise corrupt(
+                where, step, manager.directory, f"{missing[0]} is not in its tree", missing[0]
+            )
         restore_args = jax.tree.map(
             lambda x: x if x is ocp.PLACEHOLDER else ocp.RestoreArgs(restore_type=np.ndarray),
             item,

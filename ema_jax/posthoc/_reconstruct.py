@@ -315,7 +315,8 @@ def _places(directory: Any, newest: SnapshotInfo, like: PyTree) -> dict[str, Any
             continue
         shape = tuple(newest.leaves[path]["shape"])
         try:
-            sharding.shard_shape(shape)
+            sharding.check_compatible_aval(shape)  # the rank
+            sharding.shard_shape(shape)  # divisibility
         except Exception as err:  # jax says why in its own words
             raise ValueError(
                 f"like's sharding of {path} does not fit its shape {shape}: {err}"
@@ -342,6 +343,7 @@ def _pass(
     }
     for group in groups:
         sums: list[dict[str, np.ndarray]] = [{} for _ in solutions]
+        scratch: dict[str, np.ndarray] = {}  # one float64 product per leaf, reused
         fixed: dict[str, np.ndarray] = {}
         for found in snapshots:
             info = found.info
@@ -359,16 +361,17 @@ def _pass(
                         if average.name == keep:
                             fixed[p] = x
                         continue
-                    x64 = np.asarray(x, np.float64)
-                    del x
                     for total, solution in zip(sums, solutions, strict=True):
-                        term = solution.weights[i] * x64
+                        weight = solution.weights[i]  # the product in float64, no copy of x
                         if p in total:
-                            total[p] += term
+                            if p not in scratch:
+                                scratch[p] = np.empty(x.shape, np.float64)
+                            np.multiply(x, weight, out=scratch[p], dtype=np.float64)
+                            total[p] += scratch[p]
                         else:
-                            total[p] = term
-                        del term
-                    del x64
+                            total[p] = np.multiply(x, weight, dtype=np.float64)
+                    del x
+        scratch.clear()
         for total, result in zip(sums, out, strict=True):
             for p in group:
                 dtype = jnp.dtype(newest.leaves[p]["dtype"])
