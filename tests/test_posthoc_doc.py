@@ -88,8 +88,7 @@ def test_the_thresholds_table_is_of_the_library_and_the_bf16_table_of_its_json()
     target, other = schedules.gamma_of_sigma_rel(0.07), schedules.gamma_of_sigma_rel(s)
     own = posthoc.profile_inner(1.0, target, 1.0, target)
     distance = np.sqrt(
-        (own - 2 * posthoc.profile_inner(1.0, other, 1.0, target))
-        / own
+        (own - 2 * posthoc.profile_inner(1.0, other, 1.0, target)) / own
         + posthoc.profile_inner(1.0, other, 1.0, other) / own
     )
     assert distance == pytest.approx(posthoc.WARN_RESIDUAL, rel=1e-6)

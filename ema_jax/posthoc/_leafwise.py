@@ -32,7 +32,8 @@ PyTree = Any
 MEMORY_BUDGET = 64 * 2**20
 
 
-def _size(entry: Mapping[str, Any]) -> int:
+def elements(entry: Mapping[str, Any]) -> int:
+    """The number of elements of a leaf described by ``{"shape": [...]}``."""
     return int(np.prod(entry["shape"], dtype=np.int64))
 
 
@@ -63,14 +64,14 @@ def plan(
     groups: list[list[str]] = []
     total = 0
     for path, entry in leaves.items():
-        nbytes = 8 * _size(entry)
+        nbytes = 8 * elements(entry)
         if groups and total + nbytes <= per_group:
             groups[-1].append(path)
             total += nbytes
         else:
             groups.append([path])
             total = nbytes
-    largest = max((8 * sum(_size(leaves[p]) for p in group) for group in groups), default=0)
+    largest = max((8 * sum(elements(leaves[p]) for p in group) for group in groups), default=0)
     batch = max(1, budget // max(largest + result_bytes, 1))
     return groups, min(batch, max(widths, 1))
 

@@ -279,7 +279,7 @@ def iter_reconstruct(
                 solution, tracked, times, allow_extrapolation=allow, stacklevel=stacklevel
             )
         width_bytes = sum(
-            _leafwise._size(e) * np.dtype(jnp.dtype(e["dtype"])).itemsize
+            _leafwise.elements(e) * np.dtype(jnp.dtype(e["dtype"])).itemsize
             for e in newest.leaves.values()
         )
         groups, batch = _leafwise.plan(
