@@ -152,3 +152,17 @@ def test_results_go_onto_shardings_of_four_devices_and_one_that_does_not_fit_is_
     )
     assert proc.returncode == 0, proc.stderr
     assert "ERROR: like's sharding of b does not fit its shape (3,)" in proc.stdout, proc.stdout
+
+
+def test_the_plan_keeps_every_batch_within_the_budget():
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        leaves = {f"l{k}": {"shape": [int(n)]} for k, n in enumerate(rng.integers(1, 5000, 12))}
+        widths = int(rng.integers(1, 30))
+        budget = int(rng.integers(1, 200_000))
+        result = int(rng.choice([0, rng.integers(1, 50_000)]))
+        groups, batch = _leafwise.plan(leaves, widths, result_bytes=result, budget=budget)
+        assert [p for group in groups for p in group] == list(leaves)  # each once, in order
+        assert 1 <= batch <= widths
+        largest = max(8 * sum(leaves[p]["shape"][0] for p in group) for group in groups)
+        assert batch == 1 or batch * (largest + result) <= budget, (groups, batch)

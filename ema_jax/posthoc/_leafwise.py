@@ -48,9 +48,11 @@ def plan(
 
     The groups are consecutive leaves of at most ``budget / widths`` float64 bytes (one
     leaf at least), so that with every width in one pass the sums of one group fit the
-    budget; where a leaf alone is larger the widths go in batches. ``result_bytes``:
-    what one width's finished result holds until it is handed over (0 when the results
-    are returned anyway).
+    budget; where a leaf alone is larger, or the results take their share, the widths
+    go in batches, and the groups grow to what a batch leaves over (fewer reads).
+    ``result_bytes``: what one width's finished result holds until it is handed over (0
+    when the results are returned anyway). Invariant: ``batch * (largest group's
+    float64 bytes + result_bytes) <= budget``, or ``batch == 1``.
 
     Example:
       >>> leaves = {"a": {"shape": [1000]}, "b": {"shape": [10, 10]}, "c": {"shape": [5]}}
@@ -60,7 +62,17 @@ def plan(
       ([['a'], ['b', 'c']], 2)
     """
     budget = MEMORY_BUDGET if budget is None else budget
-    per_group = max(budget // max(widths, 1), 1)
+    widths = max(widths, 1)
+    groups = _groups(leaves, max(budget // widths, 1))
+    largest = max((8 * sum(elements(leaves[p]) for p in group) for group in groups), default=0)
+    batch = min(max(1, budget // max(largest + result_bytes, 1)), widths)
+    if batch < widths:  # several passes: each group may use what the batch leaves over
+        groups = _groups(leaves, max((budget - batch * result_bytes) // batch, 1))
+    return groups, batch
+
+
+def _groups(leaves: Mapping[str, Mapping[str, Any]], per_group: int) -> list[list[str]]:
+    """Consecutive leaves of at most ``per_group`` float64 bytes together (one at least)."""
     groups: list[list[str]] = []
     total = 0
     for path, entry in leaves.items():
@@ -71,9 +83,7 @@ def plan(
         else:
             groups.append([path])
             total = nbytes
-    largest = max((8 * sum(elements(leaves[p]) for p in group) for group in groups), default=0)
-    batch = max(1, budget // max(largest + result_bytes, 1))
-    return groups, min(batch, max(widths, 1))
+    return groups
 
 
 class Reader:
