@@ -3,16 +3,19 @@
 Run: python docs/posthoc_tables.py            (rewrites the generated blocks)
      python docs/posthoc_tables.py --check    (exit 1 if the doc is out of date)
      python docs/posthoc_tables.py --measure  (also re-measures the timings block)
+     python docs/posthoc_tables.py --measure-bf16  (reruns the digits example with
+         float32 and bfloat16 snapshots into docs/posthoc_bf16.json, a few minutes)
 
-``tests/test_posthoc_doc.py`` checks that the doc holds the computed tables verbatim;
-the ``measured`` block (timings, bytes on disk) depends on the machine and is only
-checked for its presence.
+``tests/test_posthoc_doc.py`` checks that the doc holds the computed tables verbatim
+(the ``bf16`` table as rendered from docs/posthoc_bf16.json); the ``measured`` block
+(timings, bytes on disk) depends on the machine and is only checked for its presence.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import math
 import os
 import pathlib
@@ -20,6 +23,7 @@ import platform
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -33,6 +37,9 @@ from ema_jax import schedules  # noqa: E402
 import generated_blocks  # noqa: E402
 
 DOC = ROOT / "docs" / "posthoc.md"
+BF16_JSON = ROOT / "docs" / "posthoc_bf16.json"
+BF16_RUNS = (("--quick",), ("--epochs", "5", "--snapshot-every", "10"))  # the example's
+BF16_WIDTHS = (0.03, 0.07, 0.15)
 TRACKED = (0.05, 0.10)
 TARGETS = (0.03, 0.07, 0.15, 0.25)
 COUNTS = (10, 20, 50, 100, 200, 400)  # snapshots per tracked average
@@ -98,6 +105,87 @@ def disk_rows(count: int = 100) -> list[tuple[str, float, float, float]]:
     return rows
 
 
+def offset_of(residual: float, sigma_rel: float = 0.07) -> float:
+    """The relative change of ``sigma_rel`` whose profile is ``residual`` away (relative L2)."""
+    gamma = schedules.gamma_of_sigma_rel(sigma_rel)
+    own = float(posthoc.profile_inner(1.0, gamma, 1.0, gamma))
+
+    def distance(factor: float) -> float:
+        other = schedules.gamma_of_sigma_rel(sigma_rel * factor)
+        cross = float(posthoc.profile_inner(1.0, other, 1.0, gamma))
+        mine = float(posthoc.profile_inner(1.0, other, 1.0, other))
+        return math.sqrt(max(own - 2 * cross + mine, 0.0) / own)
+
+    low, high = 1.0, 1.5  # bisection on the widening factor
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if distance(middle) < residual else (low, middle)
+    return low - 1.0
+
+
+def threshold_rows() -> list[tuple[str, float, float]]:
+    """``(what happens, residual, width offset with that profile distance at 0.07)``."""
+    return [
+        ("ExtrapolationWarning", posthoc.WARN_RESIDUAL, offset_of(posthoc.WARN_RESIDUAL)),
+        ("ExtrapolationError", posthoc.MAX_RESIDUAL, offset_of(posthoc.MAX_RESIDUAL)),
+    ]
+
+
+def measure_bf16() -> dict[str, object]:
+    """The digits example's reconstructions from float32 and from bfloat16 snapshots, for
+    each run of BF16_RUNS (one training run each, snapshotted both ways)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "posthoc_digits", ROOT / "examples" / "posthoc_digits.py"
+    )
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    runs = []
+    for args in BF16_RUNS:
+        run: dict[str, object] = {"args": list(args)}
+        for dtype in ("float32", "bfloat16"):
+            with tempfile.TemporaryDirectory() as workdir:
+                argv = [*args, "--no-plot", "--workdir", workdir, "--direct", "0.03,0.07,0.15"]
+                if dtype != "float32":
+                    argv += ["--snapshot-dtype", dtype]
+                result = example.main(argv)
+            run["snapshots"] = len(result["steps"])
+            run[dtype] = {
+                f"{r['sigma_rel']:g}": {
+                    "test_loss": r["loss"],
+                    "val_loss": r["val_loss"],
+                    "residual": r["residual"],
+                }
+                for r in result["rows"]
+                if r["sigma_rel"] in BF16_WIDTHS
+            }
+        runs.append(run)
+    return {"runs": runs}
+
+
+def bf16_table(data: dict) -> str:  # type: ignore[type-arg]
+    """The losses of each width from float32 and bfloat16 snapshots, and the shifts."""
+    lines = [
+        "| run (`examples/posthoc_digits.py ...`) | snapshots per average | sigma_rel"
+        " | residual | validation loss: float32, bfloat16 snapshots | test loss: float32,"
+        " bfloat16 snapshots | test loss shift |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for run in data["runs"]:
+        f32, bf16 = run["float32"], run["bfloat16"]
+        for width in BF16_WIDTHS:
+            a, b = f32[f"{width:g}"], bf16[f"{width:g}"]
+            lines.append(
+                f"| `{' '.join(run['args'])}` | {run['snapshots']} | {width:g}"
+                f" | {a['residual']:.1e} | {a['val_loss']:.4f}, {b['val_loss']:.4f}"
+                f" | {a['test_loss']:.4f}, {b['test_loss']:.4f}"
+                f" | {b['test_loss'] - a['test_loss']:+.4f} |"
+            )
+    return "\n".join(lines)
+
+
 def markdown_tables() -> dict[str, str]:
     cond = conditioning_rows()
     lines = [
@@ -135,6 +223,14 @@ def markdown_tables() -> dict[str, str]:
         u = UNIT_ROUNDOFF[dtype]
         lines.append(f"| {dtype} | {BYTES[dtype]} | 2^{int(math.log2(u))} = {u:.2e} |")
     tables["storage"] = "\n".join(lines)
+
+    lines = ["| residual above | reconstruct gives | a width this much wider is as far from 0.07 |"]
+    lines.append("|---:|---|---:|")
+    for what, residual, offset in threshold_rows():
+        lines.append(f"| {residual:g} | {what} | {100 * offset:.1f}% |")
+    tables["thresholds"] = "\n".join(lines)
+    if BF16_JSON.exists():
+        tables["bf16"] = bf16_table(json.loads(BF16_JSON.read_text(encoding="utf-8")))
     return tables
 
 
@@ -173,7 +269,9 @@ def measure(params: int = 2**20, count: int = 20) -> str:
             timings = []
             for targets in ([0.07], [0.03, 0.07, 0.15, 0.2, 0.25]):
                 start = time.perf_counter()
-                posthoc.reconstruct(directory, targets)
+                with warnings.catch_warnings():  # 0.03 and 0.25 from 20 snapshots: flagged
+                    warnings.simplefilter("ignore", posthoc.ExtrapolationWarning)
+                    posthoc.reconstruct(directory, targets, allow_extrapolation=True)
                 timings.append(time.perf_counter() - start)
         cells.setdefault("save, per snapshot (s)", []).append(f"{save:.3f}")
         cells.setdefault("disk, per snapshot (MiB)", []).append(f"{disk / count / 2**20:.2f}")
@@ -198,7 +296,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only check, write nothing")
     parser.add_argument("--measure", action="store_true", help="also re-measure the timings")
+    parser.add_argument(
+        "--measure-bf16", action="store_true", help="rerun the example into posthoc_bf16.json"
+    )
     args = parser.parse_args()
+    if args.measure_bf16:
+        BF16_JSON.write_text(json.dumps(measure_bf16(), indent=1) + "\n", encoding="utf-8")
     text = DOC.read_text(encoding="utf-8")
     tables = markdown_tables()
     if args.measure:

@@ -4,9 +4,12 @@ Trains the CNN of ``train_digits.py`` once, keeping EDM2's power-function EMAs a
 sigma_rel 0.05 and 0.10 (the trackers, snapshotted every ``--snapshot-every`` steps into
 ``--workdir``/snapshots) and, in the same pass, three more sigma_rels tracked directly
 (``--direct``) to compare with. After training it reconstructs the EMA at a sweep of
-sigma_rels from the snapshots (``ema_jax.posthoc.reconstruct``, one pass over them),
-evaluates each on the held-out split, and prints a table and writes ``posthoc.png``: test
-accuracy and loss against sigma_rel, post-hoc and direct.
+sigma_rels from the snapshots (``ema_jax.posthoc.reconstruct``), evaluates each on a
+validation split carved from the training data and on the test split, chooses sigma_rel
+by the validation loss (never by the test split: that would tune on it), and prints a
+table and writes ``posthoc.png``: test accuracy and loss against sigma_rel, post-hoc and
+direct. Widths whose reconstruction residual is above ``posthoc.WARN_RESIDUAL`` (the
+snapshots do not reach them) are marked and not chosen.
 
 Every EMA uses its averaged BatchNorm statistics (the post-hoc ones are reconstructed
 like the weights).
@@ -21,6 +24,7 @@ import os
 import pathlib
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
@@ -29,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from sklearn.model_selection import train_test_split
 
 import ema_jax
 from ema_jax import posthoc
@@ -41,6 +46,19 @@ if str(EXAMPLES) not in sys.path:  # imported by path (tests): train_digits.py i
 import train_digits  # noqa: E402  (the data, the model and the train step)
 
 TRACKED = (0.05, 0.10)  # EDM2's
+VALIDATION = 0.2  # of the training images, held out to choose sigma_rel
+
+
+def load_splits(quick: bool) -> tuple[np.ndarray, ...]:
+    """train_digits.py's train/test split, with a stratified validation split carved from
+    the training images (``--quick`` then keeps 256 of the rest for training)."""
+    x_train, y_train, x_test, y_test = train_digits.load_data(False)
+    x_train, x_val, y_train, y_val = train_test_split(
+        x_train, y_train, test_size=VALIDATION, random_state=1, stratify=y_train
+    )
+    if quick:
+        x_train, y_train = x_train[:256], y_train[:256]
+    return x_train, y_train, x_val, y_val, x_test, y_test
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -92,7 +110,7 @@ def create_state(args: argparse.Namespace, steps_per_epoch: int) -> ema_jax.EmaT
 
 @jax.jit
 def evaluate(variables: Any, x: jax.Array, y: jax.Array) -> jax.Array:
-    """Test accuracy and mean cross-entropy (accuracy moves in steps of 1/450 here)."""
+    """Accuracy and mean cross-entropy on ``(x, y)``."""
     logits = train_digits.Cnn().apply(variables, x, train=False)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     return jnp.stack([jnp.mean(jnp.argmax(logits, -1) == y), loss])
@@ -132,7 +150,7 @@ def main(
 ) -> dict[str, Any]:
     """Trains once, reconstructs the sweep; ``on_step(state)`` before and after every step."""
     args = parse_args(argv)
-    x_train, y_train, x_test, y_test = train_digits.load_data(args.quick)
+    x_train, y_train, x_val, y_val, x_test, y_test = load_splits(args.quick)
     steps_per_epoch = len(x_train) // args.batch_size
     total = args.epochs * steps_per_epoch
     state = create_state(args, steps_per_epoch)
@@ -140,7 +158,8 @@ def main(
     if os.path.isdir(directory) and os.listdir(directory):
         sys.exit(f"{directory} holds snapshots of an earlier run: pass another --workdir")
     print(
-        f"{len(x_train)} training / {len(x_test)} test images, {total} steps; trackers"
+        f"{len(x_train)} training / {len(x_val)} validation / {len(x_test)} test images,"
+        f" {total} steps; trackers"
         f" {TRACKED}, snapshots every {args.snapshot_every} steps; tracked directly {args.direct}"
     )
     if on_step is not None:
@@ -168,22 +187,26 @@ def main(
         for name in files
     )
 
-    x_eval, y_eval = jnp.asarray(x_test), jnp.asarray(y_test)
+    splits = {"val": (jnp.asarray(x_val), jnp.asarray(y_val))}
+    splits["test"] = (jnp.asarray(x_test), jnp.asarray(y_test))
 
-    def metrics(variables: Any) -> list[float]:
-        return [float(v) for v in evaluate(variables, x_eval, y_eval)]
+    def metrics(variables: Any, split: str = "test") -> list[float]:
+        return [float(v) for v in evaluate(variables, *splits[split])]
 
     raw = metrics({"params": state.params, "batch_stats": state.batch_stats})
     direct = {s: metrics(state.ema_variables(f"{s:g}")) for s in args.direct}
     sweep = sorted({*np.round(np.linspace(0.01, 0.25, args.sweep), 4).tolist(), *args.direct})
     start = time.perf_counter()
-    results = posthoc.reconstruct(directory, sweep)
+    with warnings.catch_warnings():  # the residual of every width is in the table
+        warnings.simplefilter("ignore", posthoc.ExtrapolationWarning)
+        results = posthoc.reconstruct(directory, sweep, allow_extrapolation=True)
     reconstruct_s = time.perf_counter() - start
     found = posthoc.coefficients(directory, sweep)
     rows = []
     for s, variables, c in zip(sweep, results, found, strict=True):
         acc, loss = metrics(variables)
         row = {"sigma_rel": s, "accuracy": acc, "loss": loss, "residual": c.residual}
+        row["val_accuracy"], row["val_loss"] = metrics(variables, "val")
         if s in direct:
             tracked = state.ema_variables(f"{s:g}")
             gap = jax.tree.map(lambda a, b: np.max(np.abs(np.asarray(a) - b)), tracked, variables)
@@ -192,27 +215,32 @@ def main(
             row["max_gap"] = max(jax.tree.leaves(gap)) / scale
         rows.append(row)
 
-    print("Test accuracy and loss of the EMA at each sigma_rel: post-hoc and tracked directly")
+    print("The EMA at each sigma_rel: validation loss, test accuracy and loss, post-hoc and"
+          " tracked directly")  # fmt: skip
     print(
-        f"{'sigma_rel':>9}  {'post-hoc':>8} {'loss':>7}  {'direct':>8} {'loss':>7}"
+        f"{'sigma_rel':>9}  {'val loss':>8}  {'post-hoc':>8} {'loss':>7}  {'direct':>8} {'loss':>7}"
         f"  {'max |gap|':>9}  residual"
     )
     for r in rows:
         d = f"{r['direct_accuracy']:>8.4f} {r['direct_loss']:>7.4f}" if "max_gap" in r else " " * 16
         g = f"{r['max_gap']:>9.1e}" if "max_gap" in r else " " * 9
+        flag = " *" if r["residual"] > posthoc.WARN_RESIDUAL else ""
         print(
-            f"{r['sigma_rel']:>9.4g}  {r['accuracy']:>8.4f} {r['loss']:>7.4f}  {d}  {g}"
-            f"  {r['residual']:.1e}"
+            f"{r['sigma_rel']:>9.4g}  {r['val_loss']:>8.4f}  {r['accuracy']:>8.4f}"
+            f" {r['loss']:>7.4f}  {d}  {g}  {r['residual']:.1e}{flag}"
         )
-    best = min(rows, key=lambda r: r["loss"])
+    reached = [r for r in rows if r["residual"] <= posthoc.WARN_RESIDUAL]
+    chosen = min(reached or rows, key=lambda r: r["val_loss"])
     print(
-        f"raw weights: accuracy {raw[0]:.4f}, loss {raw[1]:.4f}; lowest post-hoc loss"
-        f" {best['loss']:.4f} (accuracy {best['accuracy']:.4f}) at sigma_rel {best['sigma_rel']:g}"
+        f"raw weights: test accuracy {raw[0]:.4f}, loss {raw[1]:.4f}; chosen on the validation"
+        f" split: sigma_rel {chosen['sigma_rel']:g} (validation loss {chosen['val_loss']:.4f}),"
+        f" test accuracy {chosen['accuracy']:.4f}, loss {chosen['loss']:.4f}"
     )
     print(
         "max |gap|: largest difference between the post-hoc and the directly tracked"
         " weights, relative to the largest weight; residual: relative L2 error of the"
-        " reconstructed profile"
+        f" reconstructed profile (*: above {posthoc.WARN_RESIDUAL:g}, the snapshots do not"
+        " reach that width; not chosen)"
     )
     print(
         f"training: {train_s:.1f} s with {len(saved)} snapshots ({disk / 2**10:.0f} KiB on"
@@ -224,9 +252,10 @@ def main(
         plot(rows, direct, raw, path)
         print(f"wrote {path}")
     return {
-        # One per swept sigma_rel: accuracy, loss, residual; where also tracked directly,
-        # direct_accuracy, direct_loss and max_gap.
+        # One per swept sigma_rel: test accuracy, loss; val_accuracy, val_loss; residual;
+        # where also tracked directly, direct_accuracy, direct_loss and max_gap.
         "rows": rows,
+        "chosen": chosen,  # the row of the lowest validation loss among widths reached
         "direct": direct,  # sigma_rel -> [accuracy, loss] of the average tracked directly
         "raw": raw,  # [accuracy, loss] of the raw weights
         "state": state,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import shutil
+import warnings
 
 import anchors
 import flax.linen as nn
@@ -102,6 +103,26 @@ def test_a_snapshots_time_is_its_averages_last_update(update_period, step):
 # --- reconstruction against averages tracked directly -----------------------------------
 
 
+def reconstruct_flagged(directory, found, **kwargs):
+    """posthoc.reconstruct of ``found``'s widths, expecting a warning exactly for those whose
+    residual is above WARN_RESIDUAL (0.03 from 10 or 20 snapshots per average)."""
+    flagged = [c.sigma_rel for c in found if c.residual > posthoc.WARN_RESIDUAL]
+    targets = [c.sigma_rel for c in found]
+    if not flagged:
+        return posthoc.reconstruct(directory, targets, **kwargs)
+    with pytest.warns(posthoc.ExtrapolationWarning) as caught:
+        results = posthoc.reconstruct(directory, targets, **kwargs)
+    assert [str(w.message).split(" ")[0] for w in caught] == [f"sigma_rel={s:g}" for s in flagged]
+    return results
+
+
+def allowed(directory, sigma_rel, **kwargs):
+    """posthoc.reconstruct with extrapolation allowed and its warnings ignored."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", posthoc.ExtrapolationWarning)
+        return posthoc.reconstruct(directory, sigma_rel, allow_extrapolation=True, **kwargs)
+
+
 def smooth_trajectory(steps: int, size: int = 48) -> np.ndarray:
     """theta(s) = a + b sin(2 pi f s + phi) + c s**2 with s = step / steps, float32."""
     rng = np.random.default_rng(0)
@@ -150,8 +171,8 @@ def test_reconstruction_matches_an_average_tracked_directly(tmp_path, kind, upda
     assert sorted(direct) == list(range(every, steps + 1, every))
     exact = trajectory.astype(np.float64)
     for step in (steps, steps // 2):  # the latest snapshot, and one in the middle
-        results = posthoc.reconstruct(tmp_path, list(DIRECT), step=step)
         found = posthoc.coefficients(tmp_path, list(DIRECT), step=step)
+        results = reconstruct_flagged(tmp_path, found, step=step)
         for sigma_rel, result, coefficients in zip(DIRECT, results, found, strict=True):
             name = f"{sigma_rel:g}"
             tracked = direct[step][name]
@@ -267,12 +288,12 @@ def test_a_resumed_run_reconstructs_what_an_uninterrupted_one_does(tmp_path):
         train(state, s, m, restored, 30)
     for step in (20, 30):
         for a, b in zip(
-            posthoc.reconstruct(tmp_path / "a", [0.03, 0.07], step=step),
-            posthoc.reconstruct(tmp_path / "b", [0.03, 0.07], step=step),
+            allowed(tmp_path / "a", [0.03, 0.07], step=step),
+            allowed(tmp_path / "b", [0.03, 0.07], step=step),
             strict=True,
         ):
             jax.tree.map(np.testing.assert_array_equal, a, b)
-    variables = posthoc.reconstruct(tmp_path / "b", 0.07, like=make_state().ema_variables(0))
+    variables = allowed(tmp_path / "b", 0.07, like=make_state().ema_variables(0))
     assert set(variables) == {"params", "batch_stats"}
     make_state().apply_fn(variables, jnp.ones((2, 3)), train=False)
 
@@ -414,6 +435,6 @@ def test_a_damaged_snapshot_is_a_corrupt_checkpoint_error(tmp_path):
     middle = slice(len(data) // 2 - 32, len(data) // 2 + 32)
     data[middle] = bytes(b ^ 0xFF for b in data[middle])
     path.write_bytes(bytes(data))
-    posthoc.reconstruct(tmp_path, 0.07, step=10)  # the intact step still reconstructs
+    allowed(tmp_path, 0.07, step=10)  # the intact step still reconstructs
     with pytest.raises(ema_jax.CorruptCheckpointError, match="snapshot step 20 in"):
-        posthoc.reconstruct(tmp_path, 0.07)
+        allowed(tmp_path, 0.07)

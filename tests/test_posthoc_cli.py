@@ -6,6 +6,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -79,11 +80,18 @@ def test_writes_one_checkpoint_per_sigma_rel_equal_to_reconstruct(snapshot_dir, 
                 "15",
                 "--out",
                 str(out),
+                "--allow-extrapolation",
             ]
         )
         == 0
     )
-    printed = capsys.readouterr().out.splitlines()
+    captured = capsys.readouterr()
+    printed = captured.out.splitlines()
+    # 3 snapshots per average: 0.07's profile is missed by more than WARN_RESIDUAL.
+    warned = captured.err.splitlines()
+    assert len(warned) == 1 and warned[0].startswith(
+        "WARNING (--allow-extrapolation): sigma_rel=0.07"
+    )
     assert printed[0].split()[:4] == ["sigma_rel", "gamma", "step", "residual"]
     assert sorted(p.name for p in out.iterdir()) == [
         "sigma_rel_0.05_step_15",
@@ -94,13 +102,16 @@ def test_writes_one_checkpoint_per_sigma_rel_equal_to_reconstruct(snapshot_dir, 
         with ocp.StandardCheckpointer() as checkpointer:
             restored = checkpointer.restore(path)
             meta = checkpointer.metadata(path).custom_metadata["ema_jax"]["reconstruction"]
-        expected = posthoc.reconstruct(snapshot_dir, sigma_rel, step=15)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", posthoc.ExtrapolationWarning)
+            expected = posthoc.reconstruct(snapshot_dir, sigma_rel, step=15)
         jax.tree.map(np.testing.assert_array_equal, restored, expected)
         assert meta["sigma_rel"] == sigma_rel and meta["step"] == 15
     # Writing the same reconstructions again would overwrite them: refused.
     err = fail(
-        capsys, "--dir", str(snapshot_dir), "--sigma-rel", "0.07", "--step", "15", "--out", str(out)
-    )
+        capsys, "--dir", str(snapshot_dir), "--sigma-rel", "0.07", "--step", "15", "--out",
+        str(out), "--allow-extrapolation",
+    )  # fmt: skip
     assert "exists" in err
 
 
@@ -115,7 +126,8 @@ def test_writes_one_checkpoint_per_sigma_rel_equal_to_reconstruct(snapshot_dir, 
         (["--sigma-rel", "0.07"], "--sigma-rel needs --out"),
         ([], "exactly one of --list and --sigma-rel"),
         (["--list", "--sigma-rel", "0.07"], "exactly one of --list and --sigma-rel"),
-        (["--list", "--step", "5"], "--list takes no --out or --step"),
+        (["--list", "--step", "5"], "--list takes no --out, --step"),
+        (["--list", "--allow-extrapolation"], "--list takes no --out, --step"),
     ],
 )
 def test_bad_arguments_give_one_line_and_exit_2(snapshot_dir, capsys, argv, match):
@@ -126,3 +138,18 @@ def test_bad_arguments_give_one_line_and_exit_2(snapshot_dir, capsys, argv, matc
 def test_a_directory_without_snapshots_gives_one_line_and_exit_2(tmp_path, capsys):
     assert "not a directory" in fail(capsys, "--dir", str(tmp_path / "none"), "--list")
     assert "no finalized steps" in fail(capsys, "--dir", str(tmp_path), "--list")
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(
+    ("sigma_rel", "residual"), [("0.07", "0.051"), ("0.001", "1.2"), ("0.05,0.28", "0.74")]
+)
+def test_a_width_the_snapshots_do_not_reach_is_refused(
+    snapshot_dir, tmp_path, capsys, sigma_rel, residual
+):
+    # Step 15: three snapshots of 0.05 and 0.10 each. Before, each was written, exit 0.
+    out = tmp_path / "out"
+    err = fail(capsys, "--dir", str(snapshot_dir), "--sigma-rel", sigma_rel, "--step", "15",
+               "--out", str(out))  # fmt: skip
+    assert f"residual {residual} > 0.02 at step 15" in err
+    assert "--allow-extrapolation" in err and not out.exists()

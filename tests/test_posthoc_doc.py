@@ -76,3 +76,21 @@ def test_scaling_every_time_changes_neither_the_weights_nor_the_conditioning():
         other = posthoc.solve(times * scale, gammas, time=30.0 * scale, gamma=gamma)
         np.testing.assert_allclose(other.weights, one.weights, rtol=1e-8, atol=1e-10)
         assert other.cond == pytest.approx(one.cond, rel=1e-8)
+
+
+def test_the_thresholds_table_is_of_the_library_and_the_bf16_table_of_its_json():
+    # The thresholds come from posthoc's constants, and the offsets grow with them.
+    rows = posthoc_tables.threshold_rows()
+    assert [r[1] for r in rows] == [posthoc.WARN_RESIDUAL, posthoc.MAX_RESIDUAL]
+    assert 0 < rows[0][2] < rows[1][2]
+    # The offset is the width change whose profile is that far away (the definition).
+    s = 0.07 * (1 + rows[0][2])
+    target, other = schedules.gamma_of_sigma_rel(0.07), schedules.gamma_of_sigma_rel(s)
+    own = posthoc.profile_inner(1.0, target, 1.0, target)
+    distance = np.sqrt(
+        (own - 2 * posthoc.profile_inner(1.0, other, 1.0, target)) / own
+        + posthoc.profile_inner(1.0, other, 1.0, other) / own
+    )
+    assert distance == pytest.approx(posthoc.WARN_RESIDUAL, rel=1e-6)
+    # The bf16 measurements are committed and rendered (the parametrized test checks the doc).
+    assert posthoc_tables.BF16_JSON.exists() and "bf16" in TABLES

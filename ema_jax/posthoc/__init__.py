@@ -7,6 +7,10 @@ over the snapshots' profiles (:func:`coefficients`, :func:`solve`). Host-side Nu
 float64; docs/posthoc.md explains the method and its costs.
 """
 
+from ema_jax.posthoc._checks import MAX_RESIDUAL
+from ema_jax.posthoc._checks import WARN_RESIDUAL
+from ema_jax.posthoc._checks import ExtrapolationError
+from ema_jax.posthoc._checks import ExtrapolationWarning
 from ema_jax.posthoc._format import Average
 from ema_jax.posthoc._format import SnapshotInfo
 from ema_jax.posthoc._format import SnapshotMismatchError
@@ -22,8 +26,12 @@ from ema_jax.posthoc._snapshots import Snapshots
 from ema_jax.posthoc._snapshots import trackers
 
 __all__ = [
+    "MAX_RESIDUAL",
+    "WARN_RESIDUAL",
     "Average",
     "Coefficients",
+    "ExtrapolationError",
+    "ExtrapolationWarning",
     "SnapshotInfo",
     "SnapshotMismatchError",
     "SnapshotNotFoundError",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+import warnings
 from typing import Any
 
 import orbax.checkpoint as ocp
@@ -11,13 +13,16 @@ import orbax.checkpoint as ocp
 from ema_jax._checkpoint import RECORD_KEY
 from ema_jax._checkpoint import CorruptCheckpointError
 from ema_jax._checkpoint import make_record
+from ema_jax.posthoc._checks import WARN_RESIDUAL
+from ema_jax.posthoc._checks import ExtrapolationError
+from ema_jax.posthoc._checks import ExtrapolationWarning
 from ema_jax.posthoc._format import SnapshotMismatchError
 from ema_jax.posthoc._format import SnapshotNotFoundError
 from ema_jax.posthoc._format import disk_bytes
 from ema_jax.posthoc._format import open_manager
 from ema_jax.posthoc._format import read_info
 from ema_jax.posthoc._reconstruct import coefficients
-from ema_jax.posthoc._reconstruct import reconstruct
+from ema_jax.posthoc._reconstruct import iter_reconstruct
 
 DESCRIPTION = (
     "EDM2's post-hoc EMA: list the snapshots that ema_jax.posthoc.Snapshots wrote"
@@ -43,6 +48,12 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--step", metavar="N", help="the snapshot step (default: the latest)")
     parser.add_argument("--out", metavar="OUT", help="where to write the reconstructions")
+    parser.add_argument(
+        "--allow-extrapolation",
+        action="store_true",
+        help="write widths the snapshots do not reach (residual above"
+        f" {WARN_RESIDUAL:g}) with a warning instead of refusing them",
+    )
     parser.set_defaults(parser=parser)
     return parser
 
@@ -75,13 +86,14 @@ def main(args: argparse.Namespace) -> int:
         parser.error("give exactly one of --list and --sigma-rel")
     if args.sigma_rel is not None and args.out is None:
         parser.error("--sigma-rel needs --out, where the reconstructions go")
-    if args.list and (args.out is not None or args.step is not None):
-        parser.error("--list takes no --out or --step")
+    if args.list and (args.out is not None or args.step is not None or args.allow_extrapolation):
+        parser.error("--list takes no --out, --step or --allow-extrapolation")
     try:
         if args.list:
             print(listing(args.dir))
         else:
-            write(args.dir, _sigma_rels(args.sigma_rel), _step(args.step), args.out)
+            sigma_rels, step = _sigma_rels(args.sigma_rel), _step(args.step)
+            write(args.dir, sigma_rels, step, args.out, allow=args.allow_extrapolation)
     except (
         ValueError,
         SnapshotNotFoundError,
@@ -125,18 +137,41 @@ def _size(count: int) -> str:
     return f"{count} B"
 
 
-def write(directory: str, sigma_rels: list[float], step: int | None, out: str) -> list[str]:
-    """Reconstructs each ``sigma_rel`` and saves it under ``out``; returns the paths."""
+def write(
+    directory: str, sigma_rels: list[float], step: int | None, out: str, *, allow: bool = False
+) -> list[str]:
+    """Reconstructs each ``sigma_rel`` and saves it under ``out``; returns the paths.
+
+    The widths are reconstructed in batches that fit ``_leafwise.MEMORY_BUDGET`` with
+    their results, each written before the next batch is summed. Without ``allow``, a
+    width whose residual is above WARN_RESIDUAL is refused (ExtrapolationError) before
+    anything is read or written; with it, each such width is written and warned about
+    on stderr.
+    """
     found = coefficients(directory, sigma_rels, step=step)
     step = found[0].step
+    flagged = [c for c in found if c.residual > WARN_RESIDUAL]
+    if flagged and not allow:
+        c = flagged[0]
+        raise ExtrapolationError(
+            f"--sigma-rel {c.sigma_rel:g} is beyond what the snapshots reach: residual"
+            f" {c.residual:.2g} > {WARN_RESIDUAL:g} at step {c.step} ("
+            + ", ".join(f"{f.sigma_rel:g}: {f.residual:.2g}" for f in flagged)
+            + "); track widths around it or save more snapshots (docs/posthoc.md, 'Choosing"
+            " sigma_rel'), or pass --allow-extrapolation to write it anyway"
+        )
     paths = [os.path.abspath(os.path.join(out, f"sigma_rel_{s:g}_step_{step}")) for s in sigma_rels]
     existing = [p for p in paths if os.path.exists(p)]
     if existing:
         raise FileExistsError(f"{existing[0]} exists: pass another --out or remove it")
-    results = reconstruct(directory, sigma_rels, step=step)
     print(f"{'sigma_rel':>9}  {'gamma':>7}  {'step':>8}  {'residual':>9}  {'sources':>7}  path")
-    with ocp.StandardCheckpointer() as checkpointer:
-        for c, variables, path in zip(found, results, paths, strict=True):
+    with warnings.catch_warnings(record=True) as caught, ocp.StandardCheckpointer() as checkpointer:
+        warnings.simplefilter("always", ExtrapolationWarning)
+        results = iter_reconstruct(
+            directory, sigma_rels, step=step, like=None, allow=True, result_bytes=True
+        )
+        for k, variables in results:
+            c, path = found[k], paths[k]
             record = make_record(variables, None)
             record["reconstruction"] = {
                 "sigma_rel": c.sigma_rel,
@@ -147,8 +182,15 @@ def write(directory: str, sigma_rels: list[float], step: int | None, out: str) -
                 "snapshots": os.path.abspath(directory),
             }
             checkpointer.save(path, variables, custom_metadata={RECORD_KEY: record})
+            checkpointer.wait_until_finished()  # one width's result in memory at a time
+            del variables
             print(
                 f"{c.sigma_rel:>9.4g}  {c.gamma:>7.3f}  {c.step:>8d}  {c.residual:>9.2e}"
                 f"  {len(c.weights):>7d}  {path}"
             )
+    for warning in caught:
+        if issubclass(warning.category, ExtrapolationWarning):
+            print(f"WARNING (--allow-extrapolation): {warning.message}", file=sys.stderr)
+        else:
+            warnings.warn(warning.message, warning.category, stacklevel=2)
     return paths

@@ -19,6 +19,7 @@ from ema_jax._transform import Ema
 from ema_jax._transform import EmaState
 from ema_jax._transform import ema as make_ema
 from ema_jax.linen import EmaTrainState
+from ema_jax.posthoc import _checks
 from ema_jax.posthoc import _math
 from ema_jax.posthoc._format import FORMAT
 from ema_jax.posthoc._format import POSTHOC_KEY
@@ -26,6 +27,7 @@ from ema_jax.posthoc._format import SnapshotMismatchError
 from ema_jax.posthoc._format import describe_leaves
 from ema_jax.posthoc._format import last_update_time
 from ema_jax.posthoc._format import read_info
+from ema_jax.posthoc._format import read_snapshot
 from ema_jax.schedules import PowerFunction
 from ema_jax.schedules import power_function
 
@@ -103,13 +105,13 @@ class Snapshots:
       >>> state = ema.init({"w": jnp.zeros(3)})
       >>> with tempfile.TemporaryDirectory() as workdir:
       ...     with posthoc.Snapshots(workdir, snapshot_every=2) as snapshots:
-      ...         for i in range(6):
+      ...         for i in range(24):
       ...             state = ema.update({"w": jnp.full(3, float(i))}, state)
       ...             _ = snapshots.save(state, ema=ema)
       ...         snapshots.wait_until_finished()
-      ...         print(snapshots.steps())
+      ...         print(snapshots.steps()[:3], len(snapshots.steps()))
       ...     variables = posthoc.reconstruct(workdir, 0.07)
-      [2, 4, 6]
+      [2, 4, 6] 12
     """
 
     def __init__(
@@ -133,6 +135,7 @@ class Snapshots:
         )
         self._saved: int | None = None  # the step this object saved last
         self._fingerprint: str | None = None  # the directory's, once read
+        self._settings: tuple[int, dict[str, Any]] | None = None  # (step, its settings)
 
     def save(
         self,
@@ -187,15 +190,6 @@ class Snapshots:
         )
         self._check_fingerprint(fingerprint)
         self._check_range(averages, jax.device_get(beyond))
-        later = [s for s in self.steps() if s >= step]
-        if later == [step]:
-            return False  # saved before, e.g. by the run this one resumes
-        if later:
-            raise ValueError(
-                f"{self.directory} has snapshots at or after step {step} ({later}): they"
-                " belong to a run that was rolled back; after restoring the state, call"
-                " snapshots.discard_after(<the restored step>)"
-            )
         item = {"averages": averages}
         entry = {
             "format": FORMAT,
@@ -215,6 +209,17 @@ class Snapshots:
             "fingerprint": fingerprint,
             "leaves": leaves,
         }
+        self._check_settings(entry)
+        later = [s for s in self.steps() if s >= step]
+        if later == [step]:  # saved before: by the run this one resumes, or a stale one
+            self._check_same(step, item)
+            return False
+        if later:
+            raise ValueError(
+                f"{self.directory} has snapshots at or after step {step} ({later}): they"
+                " belong to a run that was rolled back; after restoring the state, call"
+                " snapshots.discard_after(<the restored step>)"
+            )
         record = make_record(item, None)
         record[POSTHOC_KEY] = entry
         self._manager.save(
@@ -272,6 +277,34 @@ class Snapshots:
                 f" {self._fingerprint}, this one's {fingerprint}): pass another directory"
             )
 
+    def _check_settings(self, entry: dict[str, Any]) -> None:
+        """Refuses averages of other settings (batch size, exponents) than the directory's."""
+        if self._settings is None:
+            steps = self.steps()
+            if not steps:
+                self._settings = (0, _checks.settings({POSTHOC_KEY: entry}))
+                return
+            record = read_snapshot(self._manager, steps[-1])[2]
+            self._settings = (steps[-1], _checks.settings(record))
+        newest, settings = self._settings
+        why = _checks.settings_difference(settings, _checks.settings({POSTHOC_KEY: entry}))
+        if why is not None:
+            raise SnapshotMismatchError(
+                f"{self.directory} holds snapshots of a run with other settings (step"
+                f" {newest}'s vs this state's: {why}): pass another directory"
+            )
+
+    def _check_same(self, step: int, item: dict[str, Any]) -> None:
+        """Refuses to keep a snapshot at ``step`` that holds other averages than ``item``."""
+        saved = read_snapshot(self._manager, step)[2]["arrays"]
+        if make_record(item, None)["arrays"] != saved:
+            raise ValueError(
+                f"{self.directory} already has a snapshot at step {step} whose averages"
+                " differ from this state's at that step: it was saved by a run that was"
+                " rolled back (stale); after restoring the state, call"
+                " snapshots.discard_after(<the restored step>), which deletes it"
+            )
+
     def steps(self) -> list[int]:
         """The steps of the finalized snapshots, ascending."""
         return sorted(self._manager.all_steps())
@@ -285,6 +318,7 @@ class Snapshots:
             self._manager.delete(s)
         if self._saved is not None and self._saved > step:
             self._saved = None
+        self._settings = None
         return later
 
     def wait_until_finished(self) -> None:
