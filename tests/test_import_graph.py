@@ -128,7 +128,9 @@ def test_the_graph_reader_sees_lazy_imports_and_finds_circles():
     assert "ema_jax.linen" not in graph(module_level_only=True)["ema_jax"]
     assert "ema_jax._explain" in graph()["ema_jax._transform"]
     planted = graph() | {"ema_jax._explain": graph()["ema_jax._explain"] | {"ema_jax._transform"}}
-    assert find_cycle(planted) == ["ema_jax._explain", "ema_jax._transform", "ema_jax._explain"]
+    cycle = find_cycle(planted)  # wherever the search enters the circle
+    assert cycle is not None and cycle[0] == cycle[-1] and len(cycle) == 3, cycle
+    assert set(cycle) == {"ema_jax._explain", "ema_jax._transform"}, cycle
 
 
 def test_the_import_graph_has_no_circle():
