@@ -29,8 +29,8 @@ if TYPE_CHECKING:  # what _LAZY loads on first use, for type checkers
     from ema_jax import nnx as nnx
     from ema_jax import posthoc
     from ema_jax.linen import BestCheckpoints
-    from ema_jax.linen import CorruptCheckpointError
-    from ema_jax.linen import EmaSettingsMismatchError
+    from ema_jax._checkpoint import CorruptCheckpointError
+    from ema_jax._checkpoint import EmaSettingsMismatchError
     from ema_jax.linen import EmaTrainState
     from ema_jax.linen import precise_batch_stats
     from ema_jax.linen import restore_checkpoint
@@ -44,8 +44,8 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "nnx": ("ema_jax.nnx", None),
     "posthoc": ("ema_jax.posthoc", None),
     "BestCheckpoints": ("ema_jax.linen", "BestCheckpoints"),
-    "CorruptCheckpointError": ("ema_jax.linen", "CorruptCheckpointError"),
-    "EmaSettingsMismatchError": ("ema_jax.linen", "EmaSettingsMismatchError"),
+    "CorruptCheckpointError": ("ema_jax._checkpoint", "CorruptCheckpointError"),
+    "EmaSettingsMismatchError": ("ema_jax._checkpoint", "EmaSettingsMismatchError"),
     "EmaTrainState": ("ema_jax.linen", "EmaTrainState"),
     "precise_batch_stats": ("ema_jax.linen", "precise_batch_stats"),
     "restore_checkpoint": ("ema_jax.linen", "restore_checkpoint"),

@@ -529,3 +529,32 @@ def test_best_checkpoints_take_a_relative_directory(tmp_path, monkeypatch):
         restored = best.restore("ema", target())
     assert best.directory == str(tmp_path / "best")
     assert_trees_equal(restored, state.ema_variables())
+
+
+@pytest.mark.parametrize(
+    "saved_form",
+    [None, "nnx", "lerp"],
+    ids=["saved-before-form-existed", "nnx", "lerp"],
+)
+def test_constants_blend_form_is_not_a_settings_change(tmp_path, saved_form, caplog):
+    # The lerp and nnx.EMA's blend are one average up to an ulp per update: a checkpoint
+    # of either (or of the days before ``form``, which blended as nnx) resumes under the
+    # default without a mismatch; another decay still raises.
+    saved_ema = ema_jax.ema(ema_jax.schedules.constant(0.99, form=saved_form or "nnx"))
+    state = make_state(Wide(), saved_ema, seed=0)
+    with manager(tmp_path) as m:
+        ema_jax.save_checkpoint(m, state)
+        m.wait_until_finished()
+    if saved_form is None:  # rewrite the record as the code before ``form`` wrote it
+        (meta,) = tmp_path.glob("*/default/_METADATA")
+        record = json.loads(meta.read_text())
+        del record["custom_metadata"]["ema_jax"]["ema"]["schedule"]["form"]
+        meta.write_text(json.dumps(record))
+    default = ema_jax.ema(ema_jax.schedules.constant(0.99))
+    with manager(tmp_path) as m, caplog.at_level(logging.WARNING, logger="ema_jax"):
+        restored = ema_jax.restore_checkpoint(m, make_state(Wide(), default, seed=1))
+        assert_trees_equal(restored.ema_state, state.ema_state)
+        assert ema_jax_records(caplog) == []
+        with pytest.raises(ema_jax.EmaSettingsMismatchError, match="schedule.decay is 0.99"):
+            other = ema_jax.ema(ema_jax.schedules.constant(0.9))
+            ema_jax.restore_checkpoint(m, make_state(Wide(), other, seed=1))

@@ -4,7 +4,10 @@ Compared: the schedule (every hyperparameter), ``ema_dtype``, the number of aver
 and the dtype of every averaged leaf (with ``ema_dtype=None`` the EMA is kept in the
 parameters' dtype, so a float32 EMA restored into bfloat16 parameters would be cut
 to bfloat16 without any setting having changed). The NaN/Inf guard is not compared:
-it decides only what happens to non-finite parameters.
+it decides only what happens to non-finite parameters. Nor is ``constant``'s ``form``:
+the lerp and flax ``nnx.EMA``'s two-weight blend are the same average up to an ulp per
+update, and checkpoints saved before ``form`` existed (nnx's blend) resume under the
+more accurate default.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from ema_jax._checkpoint._errors import EmaSettingsMismatchError
 from ema_jax._checkpoint._record import json_ready
 
 COMPARED_SETTINGS = ("schedule", "ema_dtype")  # what decides the EMA's numbers
+ROUNDING_FIELDS = {"constant": ("form",)}  # a family's fields that change rounding only
 
 _LOG = logging.getLogger("ema_jax")
 
@@ -31,12 +35,27 @@ def averages(settings: Mapping[str, Any]) -> int:
     return 1
 
 
+def _comparable(schedule: Any) -> Any:
+    """A schedule's settings (or a list or dict of them) without its rounding-only fields."""
+    if isinstance(schedule, list):
+        return [_comparable(s) for s in schedule]
+    if isinstance(schedule, Mapping):
+        name = schedule.get("name")
+        if isinstance(name, str):
+            drop = ROUNDING_FIELDS.get(name, ())
+            return {k: v for k, v in schedule.items() if k not in drop}
+        return {k: _comparable(v) for k, v in schedule.items()}
+    return schedule
+
+
 def ema_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """Each difference in the compared settings, with both values."""
     current = json_ready(current)
     changes = []
     for key in COMPARED_SETTINGS:
         old, new = saved.get(key), current.get(key)
+        if key == "schedule":
+            old, new = _comparable(old), _comparable(new)
         if isinstance(old, Mapping) and isinstance(new, Mapping):
             names = list(new) + [name for name in old if name not in new]
             changes += [
