@@ -28,9 +28,9 @@ if TYPE_CHECKING:  # what _LAZY loads on first use, for type checkers
     from ema_jax import linen as linen
     from ema_jax import nnx as nnx
     from ema_jax import posthoc
-    from ema_jax.linen import BestCheckpoints
     from ema_jax._checkpoint import CorruptCheckpointError
     from ema_jax._checkpoint import EmaSettingsMismatchError
+    from ema_jax.linen import BestCheckpoints
     from ema_jax.linen import EmaTrainState
     from ema_jax.linen import precise_batch_stats
     from ema_jax.linen import restore_checkpoint
