@@ -555,6 +555,6 @@ def test_constants_blend_form_is_not_a_settings_change(tmp_path, saved_form, cap
         restored = ema_jax.restore_checkpoint(m, make_state(Wide(), default, seed=1))
         assert_trees_equal(restored.ema_state, state.ema_state)
         assert ema_jax_records(caplog) == []
-        with pytest.raises(ema_jax.EmaSettingsMismatchError, match="schedule.decay is 0.99"):
+        with pytest.raises(ema_jax.EmaSettingsMismatchError, match=r"schedule\.decay is 0\.99"):
             other = ema_jax.ema(ema_jax.schedules.constant(0.9))
             ema_jax.restore_checkpoint(m, make_state(Wide(), other, seed=1))
