@@ -10,6 +10,7 @@ from ema_jax._report_schedule import ScheduleReport
 from ema_jax._transform import Ema
 from ema_jax._transform import EmaState
 from ema_jax._transform import ema
+from ema_jax._validate import EmaPrecisionWarning
 from ema_jax.linen import BestCheckpoints
 from ema_jax.linen import CorruptCheckpointError
 from ema_jax.linen import EmaSettingsMismatchError
@@ -24,6 +25,7 @@ __all__ = [
     "BestCheckpoints",
     "CorruptCheckpointError",
     "Ema",
+    "EmaPrecisionWarning",
     "EmaReport",
     "EmaSettingsMismatchError",
     "EmaState",
