@@ -391,7 +391,10 @@ class Ema:
                 return new
             if e.size:
                 counted.append(p)
-            return jnp.where(jnp.isfinite(new), new, e)
+            # e + (e - e) is e for finite e (its sign of zero aside), but LLVM cannot prove
+            # it: selecting e itself into the donated buffer becomes a masked store
+            # (vmaskmovps), slow on x86; this way the loop stores every entry.
+            return jnp.where(jnp.isfinite(new), new, e + (e - e))
 
         p_leaves = jax.tree.leaves(params)
         e_leaves, treedef = jax.tree.flatten(ema)
