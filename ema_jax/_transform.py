@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ema_jax import _memory
 from ema_jax import _rounding
 from ema_jax import _trees
 from ema_jax import _validate
@@ -68,6 +69,8 @@ class Ema:
     """With several schedules: a name for each average (None: they go by index)."""
     rounding: Rounding = "nearest"
     """How a blend is rounded to an EMA leaf narrower than float32 (see :func:`ema`)."""
+    memory_kind: str | None = None
+    """Where the EMA's leaves live ("pinned_host": host memory); None: the parameters'."""
 
     def __post_init__(self) -> None:
         several = isinstance(self.schedule, tuple)
@@ -98,6 +101,8 @@ class Ema:
             object.__setattr__(self, "ema_dtype", dtype)
         _validate.check_choice("nonfinite", self.nonfinite, NONFINITE)
         _validate.check_choice("rounding", self.rounding, ROUNDING)
+        if self.memory_kind is not None:
+            _memory.check_memory_kind(self.memory_kind)
         wide = self.ema_dtype is not None and not _rounding.is_narrow(self.ema_dtype)
         if self.rounding == "stochastic" and wide:
             assert self.ema_dtype is not None
@@ -263,10 +268,14 @@ class Ema:
                 copy = jnp.repeat(copy[..., None], len(self.schedules), axis=-1)
             return copy
 
+        ema = jax.tree.map(copy_leaf, params)
+        kind = self.memory_kind
+        if kind is not None:
+            ema = jax.tree.map(lambda e, p: _memory.place(e, p, kind), ema, params)
         # Two distinct buffers: donating a state whose fields share one fails.
         return EmaState(
             step=jnp.zeros((), jnp.int32),
-            ema=jax.tree.map(copy_leaf, params),
+            ema=ema,
             nonfinite_updates=jnp.zeros((), jnp.int32),
         )
 
@@ -363,6 +372,11 @@ class Ema:
         counted: list[jax.Array] = []  # the count reads the parameters (see below)
 
         def leaf(index: int, p: jax.Array, e: jax.Array) -> jax.Array:
+            if self.memory_kind in _memory.HOST_KINDS:  # through device memory, leaf by leaf
+                return _memory.to_host(blend_leaf(index, p, _memory.to_device(e)))
+            return blend_leaf(index, p, e)
+
+        def blend_leaf(index: int, p: jax.Array, e: jax.Array) -> jax.Array:
             if self.several:
                 p = p[..., None]  # one read of the parameters for every average
             copy = jnp.asarray(p, e.dtype)
@@ -413,6 +427,7 @@ def ema(
     ema_dtype: Any = None,
     nonfinite: Nonfinite = "skip",
     rounding: Rounding = "nearest",
+    memory_kind: str | None = None,
 ) -> Ema:
     r"""An exponential moving average of model weights under any schedule.
 
@@ -455,6 +470,11 @@ def ema(
         state. It needs an EMA narrower than float32 (a ValueError for an
         ``ema_dtype`` of float32 or wider; with ``ema_dtype=None``, float32 and wider
         leaves round as before). Copies (warmup) are exact either way.
+      memory_kind: where the EMA's leaves live: ``"pinned_host"`` keeps them in host
+        memory (the accelerator then holds none of it between updates), with the
+        parameters' sharding otherwise; the update moves each leaf to device memory,
+        blends it and moves it back, leaf by leaf, inside the jitted step (the same
+        numbers, bit for bit). None (default) or ``"device"``: the parameters' memory.
 
     Returns:
       An :class:`Ema` with ``init(params)`` and ``update(params, state)``. Call
@@ -465,7 +485,8 @@ def ema(
     Raises:
       TypeError: ``schedule`` is not a schedule.
       ValueError: a bad ``ema_dtype``, ``nonfinite`` or ``rounding``, named with its
-        value; ``rounding="stochastic"`` with an ``ema_dtype`` of float32 or wider.
+        value; ``rounding="stochastic"`` with an ``ema_dtype`` of float32 or wider; a
+        ``memory_kind`` the backend lacks (the message lists those it has).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -483,5 +504,10 @@ def ema(
     elif isinstance(schedule, Sequence):
         schedule = tuple(schedule)
     return Ema(
-        schedule=schedule, ema_dtype=ema_dtype, nonfinite=nonfinite, names=names, rounding=rounding
+        schedule=schedule,
+        ema_dtype=ema_dtype,
+        nonfinite=nonfinite,
+        names=names,
+        rounding=rounding,
+        memory_kind=memory_kind,
     )
