@@ -23,7 +23,12 @@ def available_kinds() -> tuple[str, ...]:
 
 
 def check_memory_kind(kind: Any) -> str:
-    """``kind`` if the backend has it and the EMA supports it; raises ``ValueError`` else."""
+    """``kind`` if the backend has it and the EMA supports it; raises ``ValueError`` else.
+
+    Example:
+      >>> check_memory_kind("pinned_host")  # CPU has device, pinned_host, unpinned_host
+      'pinned_host'
+    """
     kinds = available_kinds()
     if not isinstance(kind, str) or kind not in kinds:
         raise ValueError(
