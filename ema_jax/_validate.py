@@ -178,5 +178,5 @@ def stall_message(schedules: Any, dtypes: list[np.dtype]) -> str | None:
     return (
         f"an EMA in {', '.join(stalled)} with round-to-nearest at step size alpha={alpha:.3g}"
         f" only moves where |params - ema| > {gap:.3g} * |ema|; below half that every update"
-        f" rounds away (at decay 0.9999 a bfloat16 EMA never moves): {fix}"
+        f" rounds away, so the EMA cannot move: {fix}"
     )
