@@ -23,6 +23,7 @@ from ema_jax._normalized import normalized_ema
 from ema_jax._transform import Ema
 from ema_jax._transform import EmaState
 from ema_jax._transform import ema
+from ema_jax._validate import EmaPrecisionWarning
 
 if TYPE_CHECKING:  # what _LAZY loads on first use, for type checkers
     from ema_jax import linen as linen
@@ -57,6 +58,7 @@ __all__ = [
     "BestCheckpoints",
     "CorruptCheckpointError",
     "Ema",
+    "EmaPrecisionWarning",
     "EmaReport",
     "EmaSettingsMismatchError",
     "EmaState",

@@ -63,7 +63,9 @@ WARN_EPOCHS = (
 WARN_DTYPE = (
     "dtype: with alpha {alpha:.3g} and {dtype}'s resolution eps/2 = {half_eps:.3g},"
     " updates can round away unless |params - ema| > {gap:.3g} * |ema| (and do below half"
-    " that); keep the EMA in float32 (ema_dtype), or raise update_period (with rule='exact')"
+    " that); keep the EMA in float32 (ema_dtype), round stochastically"
+    " (rounding='stochastic', unbiased in bfloat16/float16), or raise update_period (with"
+    " rule='exact')"
 )
 
 

@@ -34,7 +34,8 @@ WARN_HALF_LIFE = (
 WARN_DTYPE = (
     "dtype: with alpha {alpha:.3g} at the end and {dtype}'s resolution eps/2 = {half_eps:.3g},"
     " updates can round away unless |params - ema| > {gap:.3g} * |ema|; keep the EMA in"
-    " float32 (ema_dtype) or raise update_period"
+    " float32 (ema_dtype), round stochastically (rounding='stochastic', unbiased in"
+    " bfloat16/float16), or raise update_period"
 )
 WARN_BIAS = (
     "bias: decay * ema + (1 - decay) * params rounds decay and 1 - decay separately in"

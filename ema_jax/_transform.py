@@ -7,6 +7,7 @@ what runs inside a jitted train step is all here.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
@@ -17,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ema_jax import _memory
+from ema_jax import _rounding
 from ema_jax import _trees
 from ema_jax import _validate
 from ema_jax import schedules
@@ -27,6 +30,8 @@ from ema_jax.schedules import Schedule
 PyTree = Any
 Nonfinite = Literal["skip", "skip_and_count", "propagate"]
 NONFINITE: tuple[str, ...] = ("skip", "skip_and_count", "propagate")
+Rounding = Literal["nearest", "stochastic"]
+ROUNDING: tuple[str, ...] = ("nearest", "stochastic")
 
 
 class EmaState(NamedTuple):
@@ -63,6 +68,10 @@ class Ema:
     nonfinite: Nonfinite = "skip"
     names: tuple[str, ...] | None = None
     """With several schedules: a name for each average (None: they go by index)."""
+    rounding: Rounding = "nearest"
+    """How a blend is rounded to an EMA leaf narrower than float32 (see :func:`ema`)."""
+    memory_kind: str | None = None
+    """Where the EMA's leaves live ("pinned_host": host memory); None: the parameters'."""
 
     def __post_init__(self) -> None:
         several = isinstance(self.schedule, tuple)
@@ -100,6 +109,17 @@ class Ema:
                 ) from None
             object.__setattr__(self, "ema_dtype", dtype)
         _validate.check_choice("nonfinite", self.nonfinite, NONFINITE)
+        _validate.check_choice("rounding", self.rounding, ROUNDING)
+        if self.memory_kind is not None:
+            _memory.check_memory_kind(self.memory_kind)
+        wide = self.ema_dtype is not None and not _rounding.is_narrow(self.ema_dtype)
+        if self.rounding == "stochastic" and wide:
+            assert self.ema_dtype is not None
+            raise ValueError(
+                "rounding='stochastic' rounds to an EMA narrower than float32, but"
+                f" ema_dtype={self.ema_dtype.name!r} holds every blend's float32 value"
+                " as it is: pass ema_dtype=jnp.bfloat16 (or float16), or rounding='nearest'"
+            )
 
     @property
     def several(self) -> bool:
@@ -180,8 +200,8 @@ class Ema:
         """This EMA's configuration as a JSON-ready dict (stored with checkpoints).
 
         ``{"schedule": {"name": ..., <hyperparameters>}, "ema_dtype": str | None,
-        "nonfinite": str}``: the schedule and the dtype decide the numbers, the guard
-        only what happens to NaN/Inf.
+        "nonfinite": str, "rounding": str}``: the schedule, the dtype and the rounding
+        decide the numbers, the guard only what happens to NaN/Inf.
         """
         dtype = None if self.ema_dtype is None else self.ema_dtype.name
         schedule: Any = (
@@ -193,6 +213,7 @@ class Ema:
             "schedule": schedule,
             "ema_dtype": dtype,
             "nonfinite": self.nonfinite,
+            "rounding": self.rounding,
         }
 
     def explain(self, **kwargs: Any) -> Any:
@@ -221,12 +242,17 @@ class Ema:
 
         The copy owns its buffers, so donating ``params`` later never frees the EMA.
 
+        Warns ``ema_jax.EmaPrecisionWarning`` when the schedule's smallest step size is
+        too small for an EMA leaf's dtype under round-to-nearest (the check of
+        :func:`ema_jax.explain`): a bf16 EMA at decay 0.9999 would never move.
+
         Raises:
           TypeError: a leaf that is not a numeric array.
           ValueError: a concrete leaf with NaN/Inf entries (unless
             ``nonfinite="propagate"``), or with values beyond ``ema_dtype``'s range.
         """
         guarded = self.nonfinite != "propagate"
+        dtypes = set()
         for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
             name = jax.tree_util.keystr(path)
             if not isinstance(p, _trees.ARRAY_TYPES) or not _trees.is_numeric(p):
@@ -235,6 +261,13 @@ class Ema:
                 )
             if _trees.is_averaged(p):
                 _trees.check_initial_value(name, p, self._leaf_dtype(p), guarded)
+                if jnp.issubdtype(_trees.dtype_of(p), jnp.floating):
+                    dtypes.add(np.dtype(self._leaf_dtype(p) or _trees.dtype_of(p)))
+        narrow_ok = self.rounding == "stochastic"  # narrow leaves round stochastically
+        rounded = [d for d in dtypes if not (narrow_ok and _rounding.is_narrow(d))]
+        message = _validate.stall_message(self.schedules, rounded)
+        if message is not None:
+            warnings.warn(message, _validate.EmaPrecisionWarning, stacklevel=2)
 
         def copy_leaf(p: Any) -> jax.Array:
             copy = jnp.array(p, dtype=self._leaf_dtype(p), copy=True)
@@ -242,10 +275,14 @@ class Ema:
                 copy = jnp.repeat(copy[..., None], len(self.schedules), axis=-1)
             return copy
 
+        ema = jax.tree.map(copy_leaf, params)
+        kind = self.memory_kind
+        if kind is not None:
+            ema = jax.tree.map(lambda e, p: _memory.place(e, p, kind), ema, params)
         # Two distinct buffers: donating a state whose fields share one fails.
         return EmaState(
             step=jnp.zeros((), jnp.int32),
-            ema=jax.tree.map(copy_leaf, params),
+            ema=ema,
             nonfinite_updates=jnp.zeros((), jnp.int32),
         )
 
@@ -273,12 +310,13 @@ class Ema:
             )
         params = _trees.check_params_match(params, state.ema, stacked=self.several)
         step = _safe_increment(state.step)
-        plan = self._plan(jnp.asarray(state.step, jnp.int32))
+        i = jnp.asarray(state.step, jnp.int32)
+        plan = self._plan(i)
         if plan.update is False:
             return state._replace(step=step)
 
         def fold(params: PyTree, ema: PyTree) -> tuple[PyTree, jax.Array]:
-            return self._fold(params, ema, plan)
+            return self._fold(params, ema, plan, i)
 
         def skip(params: PyTree, ema: PyTree) -> tuple[PyTree, jax.Array]:
             return ema, jnp.zeros((), jnp.int32)
@@ -317,7 +355,9 @@ class Ema:
         real_float = jnp.issubdtype(_trees.dtype_of(p), jnp.floating)
         return self.ema_dtype if self.ema_dtype is not None and real_float else None
 
-    def _fold(self, params: PyTree, ema: PyTree, plan: Plan) -> tuple[PyTree, jax.Array]:
+    def _fold(
+        self, params: PyTree, ema: PyTree, plan: Plan, i: jax.Array
+    ) -> tuple[PyTree, jax.Array]:
         """One EMA update: returns the new EMA, and 1 if the count saw NaN/Inf parameters.
 
         Averaged leaves are blended in at least fp32 and rounded once to the EMA's
@@ -328,12 +368,22 @@ class Ema:
         axis on sharded parameters); it reads the parameters, not the result, because
         XLA:CPU materializes a parameter-sized temporary for a reduction over the
         blend (tests/test_structure.py), so it counts NaN/Inf parameters, not overflows.
+
+        With ``rounding="stochastic"``, blends into leaves narrower than float32 are
+        rounded stochastically, with noise from (call ``i``, leaf index, element index):
+        the same for every average of a leaf, so that each is what its schedule alone
+        gives. Copies stay exact (round to nearest).
         """
         static_copy = plan.copy is True or (type(plan.alpha) is float and plan.alpha == 1.0)
         all_kept = all(s._keep() is not None for s in self.schedules)  # no lerp form needed
         counted: list[jax.Array] = []  # the count reads the parameters (see below)
 
-        def leaf(p: jax.Array, e: jax.Array) -> jax.Array:
+        def leaf(index: int, p: jax.Array, e: jax.Array) -> jax.Array:
+            if self.memory_kind in _memory.HOST_KINDS:  # through device memory, leaf by leaf
+                return _memory.to_host(blend_leaf(index, p, _memory.to_device(e)))
+            return blend_leaf(index, p, e)
+
+        def blend_leaf(index: int, p: jax.Array, e: jax.Array) -> jax.Array:
             if self.several:
                 p = p[..., None]  # one read of the parameters for every average
             copy = jnp.asarray(p, e.dtype)
@@ -351,16 +401,28 @@ class Ema:
                     if not all_kept:  # several averages, some blending in the lerp form
                         lerp = e_c + plan.alpha * (p_c - e_c)
                         blend = jnp.where(jnp.isnan(plan.keep), lerp, blend)
-                new = blend.astype(e.dtype)
+                if self.rounding == "stochastic" and _rounding.is_narrow(e.dtype):
+                    bits = _rounding.noise_bits(i, index, jnp.shape(p))  # p: (..., 1) if several
+                    new = _rounding.round_stochastic(blend, e.dtype, bits)
+                else:
+                    new = blend.astype(e.dtype)
                 if plan.copy is not False:
                     new = jnp.where(plan.copy, copy, new)
             if self.nonfinite == "propagate":
                 return new
             if e.size:
                 counted.append(p)
-            return jnp.where(jnp.isfinite(new), new, e)
+            # e + (e - e) is e for finite e (its sign of zero aside), but LLVM cannot prove
+            # it: selecting e itself into the donated buffer becomes a masked store
+            # (vmaskmovps), slow on x86; this way the loop stores every entry.
+            return jnp.where(jnp.isfinite(new), new, e + (e - e))
 
-        new_ema = jax.tree.map(leaf, params, ema)
+        p_leaves = jax.tree.leaves(params)
+        e_leaves, treedef = jax.tree.flatten(ema)
+        new_ema = jax.tree.unflatten(
+            treedef,
+            [leaf(k, p, e) for k, (p, e) in enumerate(zip(p_leaves, e_leaves, strict=True))],
+        )
         if self.nonfinite != "skip_and_count" or not counted:
             return new_ema, jnp.zeros((), jnp.int32)
         return new_ema, _trees.has_nonfinite(counted).astype(jnp.int32)
@@ -380,6 +442,8 @@ def ema(
     *,
     ema_dtype: Any = None,
     nonfinite: Nonfinite = "skip",
+    rounding: Rounding = "nearest",
+    memory_kind: str | None = None,
 ) -> Ema:
     r"""An exponential moving average of model weights under any schedule.
 
@@ -411,6 +475,22 @@ def ema(
         had NaN/Inf in ``EmaState.nonfinite_updates``, at the cost of a reduction over all entries
         (a scalar all-reduce per mesh axis on sharded parameters, and a second pass on
         XLA:CPU). ``"propagate"`` lets them in.
+      rounding: how a blend (computed in float32) is rounded to an EMA leaf narrower
+        than float32 (bfloat16, float16: from ``ema_dtype``, or, with
+        ``ema_dtype=None``, low-precision parameters). ``"nearest"`` (default) rounds
+        to nearest, which loses every step smaller than half a unit in the last
+        place: a bfloat16 EMA at decay 0.9999 never moves. ``"stochastic"`` rounds up
+        with probability equal to the remainder's share of the gap, so the stored EMA
+        is unbiased and small steps add up. The noise is a hash of (update call, leaf
+        index, element index): reproducible, the same after a resume, no key in the
+        state. It needs an EMA narrower than float32 (a ValueError for an
+        ``ema_dtype`` of float32 or wider; with ``ema_dtype=None``, float32 and wider
+        leaves round as before). Copies (warmup) are exact either way.
+      memory_kind: where the EMA's leaves live: ``"pinned_host"`` keeps them in host
+        memory (the accelerator then holds none of it between updates), with the
+        parameters' sharding otherwise; the update moves each leaf to device memory,
+        blends it and moves it back, leaf by leaf, inside the jitted step (the same
+        numbers, bit for bit). None (default) or ``"device"``: the parameters' memory.
 
     Returns:
       An :class:`Ema` with ``init(params)`` and ``update(params, state)``. Call
@@ -420,7 +500,9 @@ def ema(
 
     Raises:
       TypeError: ``schedule`` is not a schedule.
-      ValueError: a bad ``ema_dtype`` or ``nonfinite``, named with its value.
+      ValueError: a bad ``ema_dtype``, ``nonfinite`` or ``rounding``, named with its
+        value; ``rounding="stochastic"`` with an ``ema_dtype`` of float32 or wider; a
+        ``memory_kind`` the backend lacks (the message lists those it has).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -437,4 +519,11 @@ def ema(
         names, schedule = tuple(schedule), tuple(schedule.values())
     elif isinstance(schedule, Sequence) and not isinstance(schedule, str):
         schedule = tuple(schedule)  # a str is a Sequence too: left whole for the message
-    return Ema(schedule=schedule, ema_dtype=ema_dtype, nonfinite=nonfinite, names=names)
+    return Ema(
+        schedule=schedule,
+        ema_dtype=ema_dtype,
+        nonfinite=nonfinite,
+        names=names,
+        rounding=rounding,
+        memory_kind=memory_kind,
+    )

@@ -113,3 +113,70 @@ def resolve_dtype(dtype: Any, name: str = "dtype") -> np.dtype:
     if resolved.kind == "c":
         raise ValueError(f"{name} must be a real floating dtype, got {dtype!r}")
     return resolved
+
+
+STALL_GAP = 1.0  # alpha < eps / 2: a step must exceed the EMA's own size to register
+
+
+class EmaPrecisionWarning(UserWarning):
+    """An EMA whose dtype rounds its updates away (round-to-nearest at a tiny step size)."""
+
+
+def rounding_gap(alpha: float, dtype: Any) -> float:
+    """``eps / (2 * alpha)``: the relative gap ``|params - ema| / |ema|`` an update needs.
+
+    With round-to-nearest, an update registers when the gap exceeds this, and always
+    rounds away below half of it: ``alpha * |params - ema|`` is then under half a unit
+    in the last place of ``ema``. The criterion of :func:`ema_jax.explain`'s dtype check.
+
+    Example:
+      >>> round(rounding_gap(1e-4, "bfloat16"), 2)  # decay 0.9999: a 39x gap to move
+      39.06
+    """
+    eps = float(ml_dtypes.finfo(resolve_dtype(dtype)).eps)
+    return math.inf if alpha <= 0 else eps / (2.0 * alpha)
+
+
+def smallest_alpha(schedules: Any) -> float | None:
+    """The smallest step size ``schedules`` use: each one's constant one, or its last.
+
+    None when none of them knows it (a changing step size and no run length).
+    """
+    alphas = []
+    for s in schedules:
+        alpha = s.static_alpha
+        total, period = s.steps_in_run(), s.update_period
+        if alpha is None and total and period:
+            alpha = s.alpha_at((total - 1) // period * period)
+        if alpha:
+            alphas.append(alpha)
+    return min(alphas) if alphas else None
+
+
+def stall_message(schedules: Any, dtypes: list[np.dtype]) -> str | None:
+    """The warning for EMA leaves of ``dtypes`` under round-to-nearest, or None if they move.
+
+    ``alpha`` is the schedules' smallest step size (:func:`smallest_alpha`). The
+    threshold is ``alpha < eps / 2`` (a gap above 1): weights would have to differ from
+    their EMA by more than its own size for an update to register, so the EMA cannot
+    move. (:func:`ema_jax.explain` already notes gaps above 5%.)
+    """
+    alpha = smallest_alpha(schedules)
+    if alpha is None or not 0 < alpha < 1:
+        return None
+    stalled = sorted({d.name for d in dtypes if rounding_gap(alpha, d) > STALL_GAP})
+    if not stalled:
+        return None
+    gap = max(rounding_gap(alpha, d) for d in dtypes)
+    narrow = all(np.dtype(d).itemsize < 4 for d in dtypes if np.dtype(d).name in stalled)
+    fix = (
+        "keep the EMA in float32 (ema_dtype=jnp.float32), or round stochastically"
+        " (rounding='stochastic'), which keeps a low-precision EMA unbiased"
+        if narrow
+        else "keep the EMA in a wider dtype (ema_dtype), or raise update_period"
+    )
+    return (
+        f"an EMA in {', '.join(stalled)} with round-to-nearest at step size alpha={alpha:.3g}"
+        f" only moves where |params - ema| > {gap:.3g} * |ema|; below half that every update"
+        f" rounds away, so the EMA cannot move: {fix}"
+    )

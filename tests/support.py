@@ -170,12 +170,13 @@ def max_abs_diff(a: Any, b: Any) -> float:
 
 
 def run_device_worker(
-    worker: Path, args: list[str], report: Path, *, devices: int = 8, timeout_s: int = 240
+    worker: Path, args: list[str], report: Path, *, devices: int = 8
 ) -> dict[str, str]:
     """Runs ``worker`` on ``devices`` simulated CPU devices; returns its JSON report.
 
     The report maps each check to "ok" or its traceback; ``{"*": why}`` when the worker
-    failed as a whole (exit status, time-out), with its output.
+    failed as a whole (its exit status), with its output. It waits for the worker to
+    end, however long a loaded machine takes: no wall-clock limit.
     """
     flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
     env = dict(
@@ -185,10 +186,7 @@ def run_device_worker(
         PYTHONPATH=os.pathsep.join([str(worker.parent.parent), str(worker.parent)]),
     )
     command = [sys.executable, str(worker), *args]
-    try:
-        proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout_s)
-    except subprocess.TimeoutExpired as e:  # run() has killed the worker
-        return {"*": f"worker timed out after {timeout_s} s:\n{e.stdout}\n{e.stderr}"}
+    proc = subprocess.run(command, capture_output=True, text=True, env=env)
     if proc.returncode != 0 or not report.exists():
         return {"*": f"worker exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"}
     return json.loads(report.read_text())

@@ -25,7 +25,6 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         env=env,
         cwd=ROOT,
-        timeout=120,
     )
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import crash_worker
 import jax
 import numpy as np
+import pytest
 
 KILLS = 12
 WORKER = Path(crash_worker.__file__)
@@ -54,11 +55,8 @@ def start_worker(workdir: Path) -> subprocess.Popen:
 
 def kill_at(proc: subprocess.Popen, moment: str, rng: random.Random) -> None:
     """Reads the worker's lines until ``moment`` comes, then SIGKILLs it."""
-    deadline = time.monotonic() + 60
     saves_to_see = rng.randint(1, 4)
-    for line in proc.stdout:
-        if time.monotonic() > deadline:
-            break
+    for line in proc.stdout:  # ends when the worker does: no deadline for a busy machine
         if moment == "at_start" and line.startswith("resumed"):
             break
         if line.startswith("saving"):
@@ -68,9 +66,10 @@ def kill_at(proc: subprocess.Popen, moment: str, rng: random.Random) -> None:
                     time.sleep(rng.uniform(0.0, 0.05))
                 break  # "mid_save": the write announced on this line is in flight
     os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    proc.wait()  # SIGKILL cannot be caught: it ends
 
 
+@pytest.mark.slow
 def test_sigkill_never_leaves_a_restorable_but_inconsistent_checkpoint(tmp_path):
     rng = random.Random(0)
     moments = ["at_start", "mid_save", "after_delay"] * (KILLS // 3)
@@ -84,7 +83,7 @@ def test_sigkill_never_leaves_a_restorable_but_inconsistent_checkpoint(tmp_path)
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
+                proc.wait()
             proc.stdout.close()
             proc.stderr.close()
         partial = {p.name for p in tmp_path.iterdir() if ".orbax-checkpoint-tmp" in p.name}

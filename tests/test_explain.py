@@ -274,7 +274,8 @@ def test_min_registered_gap_brackets_what_the_transform_rounds_away(e, direction
     )
     gap = ema.explain(dtype="bfloat16").min_registered_gap
     assert gap == 4.0
-    state = ema.init({"w": jnp.full((2,), e, jnp.float32)})
+    with pytest.warns(ema_jax.EmaPrecisionWarning, match=r"> 4 \* \|ema\|"):  # the same gap
+        state = ema.init({"w": jnp.full((2,), e, jnp.float32)})
     params = {"w": jnp.asarray(e + direction * np.array([0.99 * gap / 2, 1.01 * gap]) * abs(e))}
     new = np.asarray(jax.jit(ema.update)(params, state).ema["w"])
     assert new[0] == e  # below half the gap: rounds away

@@ -3,7 +3,8 @@
 Each phase starts both processes of multihost_worker.py with 2 CPU devices each,
 joined by jax.distributed over gloo; the EMA restored by fresh processes must be
 bit-identical to the one saved. Every process runs in its own session, under a
-deadline, and is killed with its group if anything goes wrong.
+and is killed with its group as soon as the other fails (it would wait for its peer
+in a collective); otherwise both are waited for, however long a loaded machine takes.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from pathlib import Path
 import jax
 import multihost_worker
 import numpy as np
+import pytest
 import sharded
 
 WORKER = Path(multihost_worker.__file__)
-DEADLINE_S = 45  # per phase; both phases together take about 15 s on 2 free cores
+pytestmark = pytest.mark.slow  # both phases together take about 15 s on 2 free cores
 
 
 def free_port() -> int:
@@ -56,7 +58,7 @@ def run_phase(phase: str, workdir: Path) -> float:
                     )
                 )
         # A failed process leaves its peer waiting in a collective: stop at the first.
-        while time.monotonic() - start < DEADLINE_S:
+        while True:  # no deadline: a busy machine only makes them slower
             codes = [proc.poll() for proc in procs]
             if all(c == 0 for c in codes) or any(c not in (None, 0) for c in codes):
                 break
@@ -71,7 +73,7 @@ def run_phase(phase: str, workdir: Path) -> float:
         report = "\n".join(
             f"--- process {i} (exit {c}):\n{logs[i].read_text()}" for i, c in enumerate(codes)
         )
-        raise AssertionError(f"{phase} failed (deadline {DEADLINE_S} s):\n{report}")
+        raise AssertionError(f"{phase} failed:\n{report}")
     return time.monotonic() - start
 
 

@@ -166,6 +166,69 @@ def test_an_optimizer_without_multi_steps_updates_every_call():
     assert int(ema.ema_state.step) == 3
 
 
+def plain_step(model: Any, optimizer: Any, ema: Ema, x: jax.Array, y: jax.Array) -> None:
+    """The README's train step: ``ema.update(model)``, no optimizer at the call."""
+    grads = nnx.grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+    optimizer.update(model, grads)
+    ema.update(model)
+
+
+def test_an_ema_given_the_optimizer_once_counts_optimizer_steps_on_a_plain_update():
+    """The issue's case: 10 calls at k=4 are 2 optimizer steps, so EMA step 2, not 10."""
+    model = nnx.Linear(5, 3, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.MultiSteps(optax.sgd(LR), K), wrt=nnx.Param)
+    ema = Ema(model, ACC_EMA, optimizer=optimizer)
+    per_call = Ema(model, ACC_EMA, optimizer=optimizer)  # to compare with optimizer= below
+    step = nnx.jit(plain_step, donate_argnums=(0, 1, 2))
+
+    @nnx.jit(donate_argnums=(0, 1))
+    def explicit(model, ema, optimizer):
+        ema.update(model, optimizer=optimizer)
+
+    x, y = accumulation_data()
+    for t in range(10):
+        step(model, optimizer, ema, x[t % STEPS], y[t % STEPS])
+        explicit(model, per_call, optimizer)
+    assert int(optimizer.step[...]) == 10 and int(ema.ema_state.step) == 10 // K
+    jax.tree.map(np.testing.assert_array_equal, host(ema.ema_state), host(per_call.ema_state))
+
+
+def test_a_plain_update_skips_a_rejected_micro_batch_and_applied_still_wins():
+    tx = optax.MultiSteps(
+        optax.sgd(LR), every_k_schedule=2, should_skip_update_fn=optax.skip_not_finite
+    )
+    model = nnx.Linear(5, 3, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    ema = Ema(model, ACC_EMA, optimizer=optimizer)
+
+    @nnx.jit(donate_argnums=(0, 1, 2))
+    def apply(model, optimizer, ema, grads):
+        optimizer.update(model, grads)
+        ema.update(model)
+
+    ones = jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param))
+    nan = jax.tree.map(lambda p: jnp.full_like(p, jnp.nan), ones)
+    steps = []
+    for grads in (nan, ones, ones, nan, ones, ones):
+        apply(model, optimizer, ema, grads)
+        steps.append(int(ema.ema_state.step))
+    assert steps == [0, 0, 1, 1, 1, 2]  # as with update(model, optimizer=optimizer)
+    ema.update(model, applied=True)  # an explicit flag overrides the counters (mini_step 0)
+    assert int(ema.ema_state.step) == 3
+
+
+def test_given_an_optimizer_without_multi_steps_every_plain_update_counts():
+    model = nnx.Linear(5, 3, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.adam(LR), wrt=nnx.Param)
+    ema = Ema(model, ACC_EMA, optimizer=optimizer)
+    assert ema.accumulation is None
+    step = nnx.jit(plain_step, donate_argnums=(0, 1, 2))
+    x, y = accumulation_data()
+    for t in range(3):
+        step(model, optimizer, ema, x[t], y[t])
+    assert int(ema.ema_state.step) == 3
+
+
 def pure_step(model: Any, optimizer: Any, ema: Ema) -> tuple[Any, Any]:
     graphdef, state = nnx.split((model, optimizer, ema))
 
@@ -259,12 +322,40 @@ def _custom_skip_state():
     apply_grads(model, optimizer, ema, grads)
 
 
+def _built_with(tx: Any = None, optimizer: Any = None) -> None:
+    model = nnx.Linear(5, 3, rngs=nnx.Rngs(0))
+    if tx is not None:
+        optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    Ema(model, ACC_EMA, optimizer=optimizer)
+
+
 def _update(**kwargs):
     model, _, ema = linear(optax.sgd(LR))
     ema.update(model, **kwargs)
 
 
+_MULTI = optax.MultiSteps(optax.sgd(LR), every_k_schedule=2).gradient_transformation()
 BAD = [
+    (
+        "built with two MultiSteps",
+        lambda: _built_with(optax.chain(_MULTI, _MULTI)),
+        ValueError,
+        "opt_state holds 2 optax.MultiStepsState: Ema cannot tell",
+    ),
+    (
+        "built with a custom skip state",
+        lambda: _built_with(
+            optax.MultiSteps(optax.sgd(LR), every_k_schedule=2, should_skip_update_fn=_custom_skip)
+        ),
+        ValueError,
+        "Ema: the optax.MultiStepsState's skip_state has no 'should_skip' entry",
+    ),
+    (
+        "built with an optax transform",
+        lambda: _built_with(optimizer=optax.sgd(LR)),
+        TypeError,
+        "Ema: optimizer must be the nnx.Optimizer that trains the model (with an opt_state)",
+    ),
     ("two MultiSteps", _two_multi_steps, ValueError, "opt_state holds 2 optax.MultiStepsState"),
     (
         "custom skip state",

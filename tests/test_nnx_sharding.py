@@ -15,6 +15,7 @@ from support import check_device_result
 from support import run_device_worker
 
 WORKER = Path(nnx_sharding_worker.__file__)
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("nnx_sharding")]  # one worker start
 
 
 @pytest.fixture(scope="module")

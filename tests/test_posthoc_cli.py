@@ -53,7 +53,6 @@ def test_list_shows_every_snapshot_with_its_averages(snapshot_dir):
         text=True,
         env=env,
         cwd=ROOT,
-        timeout=120,
     )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()

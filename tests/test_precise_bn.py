@@ -159,6 +159,8 @@ def device_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return run_device_worker(WORKER, [str(report)], report)
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("precise_bn")  # one worker start per run
 @pytest.mark.parametrize("name", sorted(precise_bn_worker.CHECKS))
 def test_on_8_simulated_devices(device_results, name):
     check_device_result(device_results, name)

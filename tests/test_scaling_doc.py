@@ -40,7 +40,9 @@ def test_bf16_spacing_and_the_frozen_ema():
     frozen = ema_jax.normalized_ema(**kwargs)
     assert f"alpha = {frozen.alpha:.7f}" in DOC
     start, target = {"w": jnp.ones(3, jnp.bfloat16)}, {"w": jnp.full(3, 1.5, jnp.bfloat16)}
-    state = frozen.update(target, frozen.init(start))
+    assert "ema_jax.EmaPrecisionWarning" in DOC and 'rounding="stochastic"' in DOC
+    with pytest.warns(ema_jax.EmaPrecisionWarning):
+        state = frozen.update(target, frozen.init(start))
     np.testing.assert_array_equal(np.asarray(state.ema["w"], np.float32), 1.0)
     fp32 = ema_jax.normalized_ema(**kwargs, ema_dtype=jnp.float32)
     moved = float(fp32.update(target, fp32.init(start)).ema["w"][0])

@@ -312,6 +312,8 @@ def test_a_run_of_a_step_dependent_schedule_compiles_once():
 CORE = [
     "ema_jax/_transform.py",
     "ema_jax/_trees.py",
+    "ema_jax/_rounding.py",
+    "ema_jax/_memory.py",
     *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "ema_jax" / "schedules").glob("*.py")),
 ]
 ALLOWED = (
@@ -320,8 +322,11 @@ ALLOWED = (
     "optax",
     "ema_jax._validate",
     "ema_jax._trees",
+    "ema_jax._rounding",
+    "ema_jax._memory",
     "ema_jax.schedules",
     "__future__",
+    "warnings",
     "dataclasses",
     "math",
     "typing",

@@ -9,52 +9,32 @@ test of its own here, failing with the worker's traceback.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import sharding_worker
+from support import run_device_worker
 
 WORKER = Path(sharding_worker.__file__)
-TIMEOUT_S = 240  # the 8-device group takes about 45 s on 2 busy cores
-DEVICES = {"devices8": 8, "devices4": 4}
+DEVICES = {"devices8": 8, "devices4": 4}  # the 8-device group takes about 45 s on 2 busy cores
+# Slow, and all in one pytest-xdist worker (--dist loadgroup): the module fixture then
+# starts each device worker once, instead of once per xdist worker on a loaded machine.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("sharding")]
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, str]]:
-    """Runs both groups, in order; returns ``{group: {check: "ok" | traceback}}``."""
+    """Runs both groups, in order; returns ``{group: {check: "ok" | traceback}}``.
+
+    Each worker is waited for, however long a loaded machine takes (no time-out).
+    """
     workdir = tmp_path_factory.mktemp("sharding")
-    out = {}
-    for group, devices in DEVICES.items():
-        flags = (
-            f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    return {
+        group: run_device_worker(
+            WORKER, [group, str(workdir)], workdir / f"{group}.json", devices=devices
         )
-        env = dict(
-            os.environ,
-            JAX_PLATFORMS="cpu",
-            XLA_FLAGS=flags.strip(),
-            PYTHONPATH=os.pathsep.join([str(WORKER.parent.parent), str(WORKER.parent)]),
-        )
-        try:
-            proc = subprocess.run(
-                [sys.executable, str(WORKER), group, str(workdir)],
-                capture_output=True,
-                text=True,
-                env=env,
-                timeout=TIMEOUT_S,
-            )
-        except subprocess.TimeoutExpired as e:  # run() has killed the worker
-            out[group] = {"*": f"worker timed out after {TIMEOUT_S} s:\n{e.stdout}\n{e.stderr}"}
-            continue
-        report = workdir / f"{group}.json"
-        if proc.returncode != 0 or not report.exists():
-            out[group] = {"*": f"worker exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"}
-        else:
-            out[group] = json.loads(report.read_text())
-    return out
+        for group, devices in DEVICES.items()
+    }
 
 
 @pytest.mark.parametrize(

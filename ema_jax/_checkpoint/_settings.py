@@ -4,7 +4,9 @@ Compared: the schedule (every hyperparameter), ``ema_dtype``, the number of aver
 and the dtype of every averaged leaf (with ``ema_dtype=None`` the EMA is kept in the
 parameters' dtype, so a float32 EMA restored into bfloat16 parameters would be cut
 to bfloat16 without any setting having changed). The NaN/Inf guard is not compared:
-it decides only what happens to non-finite parameters. Nor is ``constant``'s ``form``:
+it decides only what happens to non-finite parameters; nor is ``rounding``, which
+changes how later updates round, not what the saved average means (a low-precision EMA
+that round-to-nearest would freeze warns when the target is built). Nor is ``constant``'s ``form``:
 the lerp and flax ``nnx.EMA``'s two-weight blend are the same average up to an ulp per
 update, and checkpoints saved before ``form`` existed (nnx's blend) resume under the
 more accurate default.

@@ -7,6 +7,7 @@ does the math.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 from typing import TypeVar
 
@@ -165,7 +166,14 @@ class Ema(nnx.Pytree):
       (1, (1, 2))
     """
 
-    def __init__(self, model: Any, ema: Any, *, only: filterlib.Filter = ...) -> None:
+    def __init__(
+        self,
+        model: Any,
+        ema: Any,
+        *,
+        only: filterlib.Filter = ...,
+        optimizer: Any = None,
+    ) -> None:
         """Starts the EMA as a copy of the variables of ``model`` that ``only`` selects.
 
         Args:
@@ -173,14 +181,24 @@ class Ema(nnx.Pytree):
           ema: the transform, from ``ema_jax.ema(...)`` or ``ema_jax.normalized_ema(...)``.
           only: an NNX filter of the variables to average; ``...`` (default) is all
             but RNG state, as described above.
+          optimizer: the ``nnx.Optimizer`` that trains ``model``. Under gradient
+            accumulation (an ``optax.MultiSteps`` in it), every later
+            ``update(model)`` then counts optimizer steps, not calls: it changes the
+            EMA only on the calls where the optimizer applied (see :meth:`update`).
+            The EMA holds references to the ``MultiSteps`` counters (``mini_step``
+            and ``skip_state["should_skip"]``, shared with the optimizer, so they also
+            appear in ``nnx.state(ema)``). Without a ``MultiSteps``, nothing changes.
 
         Raises:
           TypeError: ``model`` is no NNX object, ``ema`` no transform, ``only`` no
-            filter, or a selected variable holds no numeric array.
-          ValueError: ``only`` selects no variable.
+            filter, a selected variable holds no numeric array, or ``optimizer`` has
+            no ``opt_state``.
+          ValueError: ``only`` selects no variable; ``optimizer`` holds several
+            ``optax.MultiStepsState`` or one whose skip state hides rejections.
         """
         _check_model(model, "Ema")
         _check_transform(ema)
+        accumulation = _accumulation_counters(optimizer)
         try:
             filterlib.to_predicate(only)
         except (TypeError, ValueError):  # flax 0.12.8's own message fails to format
@@ -204,6 +222,7 @@ class Ema(nnx.Pytree):
         place = _replicated_like(jax.tree.leaves(state.ema))
         self.transform = ema
         self.filter = only
+        self.accumulation = nnx.data(accumulation)
         self.step = EmaCount(place(state.step))
         self.nonfinite_updates = EmaCount(place(state.nonfinite_updates))
         # The model's variable types and metadata (shardings) around the transform's copies;
@@ -255,7 +274,10 @@ class Ema(nnx.Pytree):
         optimizer step and ``steps_per_epoch`` in optimizer steps. A mini-step that
         ``should_skip_update_fn`` rejected does not count either (optax's
         ``skip_not_finite`` and ``skip_large_updates`` report it). Without a
-        ``MultiSteps`` in the optimizer, every call updates.
+        ``MultiSteps`` in the optimizer, every call updates. An EMA built with
+        ``Ema(model, ema, optimizer=optimizer)`` does the same on a plain
+        ``update(model)``: the optimizer is given once, and each call reads its
+        counters.
 
         Args:
           model: the model, after the optimizer step.
@@ -293,7 +315,10 @@ class Ema(nnx.Pytree):
         """
         _check_model(model, "Ema.update")
         current = self._matching(model, "update")
+        counters = self.accumulation if optimizer is None and applied is None else None
         applied = _applied(optimizer, applied)
+        if counters is not None:  # built with optimizer=: its counters say whether it applied
+            applied = _applied_from(counters)
         if applied is False:
             return
         params = nnx.as_pure(current)
@@ -352,6 +377,43 @@ class Ema(nnx.Pytree):
                 " another model?"
             )
         return current
+
+
+def _accumulation_counters(optimizer: Any) -> dict[str, nnx.Variable] | None:
+    """The optimizer's ``MultiSteps`` counters that tell whether a call applied, or None.
+
+    ``mini_step`` and, with a ``should_skip_update_fn``, ``skip_state["should_skip"]``:
+    the optimizer's own variables (``nnx.Optimizer.update`` writes them in place).
+    """
+    if optimizer is None:
+        return None
+    opt_state = getattr(optimizer, "opt_state", None)
+    if opt_state is None:
+        raise TypeError(
+            "Ema: optimizer must be the nnx.Optimizer that trains the model (with an"
+            f" opt_state), got {_describe(optimizer)}"
+        )
+    multi = _accumulation.multi_steps_state(opt_state, "Ema")
+    if multi is None:
+        return None
+    _accumulation.applied_after(nnx.as_pure(multi), "Ema")  # raises for a hidden skip state
+    counters = {"mini_step": multi.mini_step}
+    if isinstance(multi.skip_state, Mapping) and "should_skip" in multi.skip_state:
+        counters["should_skip"] = multi.skip_state["should_skip"]
+    if not all(isinstance(v, nnx.Variable) for v in counters.values()):
+        raise TypeError(
+            "Ema: optimizer.opt_state must hold nnx variables (an nnx.Optimizer's), got"
+            f" {_describe(multi.mini_step)} for its MultiSteps mini_step"
+        )
+    return counters
+
+
+def _applied_from(counters: dict[str, nnx.Variable]) -> jax.Array:
+    """Whether the optimizer's last call applied: ``mini_step == 0`` and not rejected."""
+    applied = jnp.asarray(counters["mini_step"].get_value()) == 0
+    if "should_skip" in counters:
+        applied = applied & ~jnp.asarray(counters["should_skip"].get_value(), bool)
+    return applied
 
 
 def _unchanged(params: Any, state: EmaState) -> EmaState:

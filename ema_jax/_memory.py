@@ -1,0 +1,66 @@
+"""A host-resident EMA: its leaves in host memory, streamed through the device per update.
+
+``ema(schedule, memory_kind="pinned_host")`` keeps every EMA leaf in pinned host memory
+with the parameters' sharding otherwise (the same mesh and spec, the memory kind
+replaced). Inside the jitted update each leaf is moved to device memory, blended and
+moved back, one leaf at a time in the program (``jax.device_put`` to a memory space).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from jax.sharding import SingleDeviceSharding
+
+HOST_KINDS = ("pinned_host",)  # the host memory kinds the update streams through the device
+SUPPORTED = ("device", *HOST_KINDS)
+
+
+def available_kinds() -> tuple[str, ...]:
+    """The memory kinds of the default backend's first device."""
+    return tuple(m.kind for m in jax.devices()[0].addressable_memories())
+
+
+def check_memory_kind(kind: Any) -> str:
+    """``kind`` if the backend has it and the EMA supports it; raises ``ValueError`` else.
+
+    Example:
+      >>> check_memory_kind("pinned_host")  # CPU has device, pinned_host, unpinned_host
+      'pinned_host'
+    """
+    kinds = available_kinds()
+    if not isinstance(kind, str) or kind not in kinds:
+        raise ValueError(
+            f"memory_kind must be one of the memory kinds of the {jax.default_backend()}"
+            f" backend, {kinds}, or None (the parameters' memory), got {kind!r}"
+        )
+    if kind not in SUPPORTED:
+        raise ValueError(
+            f"memory_kind={kind!r} is not supported for an EMA: use one of {SUPPORTED}"
+            " ('pinned_host' keeps it in host memory), or None"
+        )
+    return kind
+
+
+def place(e: Any, p: Any, kind: str) -> Any:
+    """EMA leaf ``e`` in memory ``kind``, with parameter ``p``'s sharding otherwise."""
+    if isinstance(p, jax.core.Tracer) or not hasattr(p, "sharding"):
+        if isinstance(e, jax.core.Tracer):  # init under jit: a memory space, no sharding
+            return jax.device_put(e, _space(kind))
+        return jax.device_put(e, SingleDeviceSharding(jax.devices()[0], memory_kind=kind))
+    return jax.device_put(e, p.sharding.with_memory_kind(kind))
+
+
+def _space(kind: str) -> Any:
+    return jax.memory.Space.Device if kind == "device" else jax.memory.Space.Host
+
+
+def to_device(x: jax.Array) -> jax.Array:
+    """``x`` moved to device memory, inside a jitted function (its sharding kept)."""
+    return jax.device_put(x, jax.memory.Space.Device)
+
+
+def to_host(x: jax.Array) -> jax.Array:
+    """``x`` moved to pinned host memory, inside a jitted function (its sharding kept)."""
+    return jax.device_put(x, jax.memory.Space.Host)
