@@ -16,11 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ema_jax import _memory
 from ema_jax import _trees
 from ema_jax import _validate
 from ema_jax._transform import Ema
 from ema_jax._transform import EmaState
 from ema_jax._transform import Nonfinite
+from ema_jax._transform import Rounding
 from ema_jax.schedules._base import Scalar
 from ema_jax.schedules._base import Schedule
 from ema_jax.schedules._base import real
@@ -138,6 +140,8 @@ class Bema:
     schedule: BemaSchedule
     ema_dtype: np.dtype | None = None
     nonfinite: Nonfinite = "skip"
+    rounding: Rounding = "nearest"
+    memory_kind: str | None = None
     core: Ema = dataclasses.field(init=False, repr=False, compare=False)
     """The plain EMA inside (``mean``), under ``schedule``."""
 
@@ -148,9 +152,16 @@ class Bema:
     def __post_init__(self) -> None:
         if not isinstance(self.schedule, BemaSchedule):
             raise TypeError(f"schedule must be a BemaSchedule, got {self.schedule!r:.60}")
-        core = Ema(self.schedule, ema_dtype=self.ema_dtype, nonfinite=self.nonfinite)
+        core = Ema(
+            self.schedule,
+            ema_dtype=self.ema_dtype,
+            nonfinite=self.nonfinite,
+            rounding=self.rounding,
+            memory_kind=self.memory_kind,
+        )
         object.__setattr__(self, "core", core)
         object.__setattr__(self, "ema_dtype", core.ema_dtype)
+        object.__setattr__(self, "memory_kind", core.memory_kind)
 
     @property
     def schedules(self) -> tuple[Schedule, ...]:
@@ -181,15 +192,18 @@ class Bema:
         """Starts the output, the EMA and ``theta0`` as copies of ``params`` (three buffers)."""
         state = self.core.init(params)
 
-        def copy(x: jax.Array) -> jax.Array:
-            return jnp.array(x, copy=True)
+        kind = self.memory_kind
+
+        def copy(e: jax.Array, p: Any) -> jax.Array:  # in the EMA's memory, theta0 too
+            new = jnp.array(e, copy=True)
+            return new if kind is None else _memory.place(new, p, kind)
 
         return BemaState(
             step=state.step,
             ema=state.ema,
             nonfinite_updates=state.nonfinite_updates,
-            mean=jax.tree.map(copy, state.ema),
-            theta0=jax.tree.map(copy, state.ema),
+            mean=jax.tree.map(copy, state.ema, params),
+            theta0=jax.tree.map(copy, state.ema, params),
         )
 
     def update(self, params: PyTree, state: BemaState) -> BemaState:
@@ -216,27 +230,36 @@ class Bema:
             bias = s._bias(i, jnp)
 
             def leaf(p: jax.Array, t0: jax.Array, m: jax.Array, e: jax.Array) -> jax.Array:
-                copy = jnp.asarray(p, e.dtype)
-                if not _trees.is_averaged(e):
-                    return copy
-                ct = jnp.promote_types(e.dtype, jnp.float32)
-                new = (m.astype(ct) + bias * (jnp.asarray(p, ct) - t0.astype(ct))).astype(e.dtype)
-                if self.nonfinite != "propagate":
-                    new = jnp.where(jnp.isfinite(new), new, e)
-                return new
+                if self.memory_kind in _memory.HOST_KINDS:  # through device memory
+                    dev = _memory.to_device
+                    return _memory.to_host(blend(p, dev(t0), dev(m), dev(e)))
+                return blend(p, t0, m, e)
+
+            def blend(p: jax.Array, t0: jax.Array, m: jax.Array, e: jax.Array) -> jax.Array:
+                new = jnp.asarray(p, e.dtype)  # integer leaves: a copy
+                if _trees.is_averaged(e):
+                    ct = jnp.promote_types(e.dtype, jnp.float32)
+                    new = m.astype(ct) + bias * (jnp.asarray(p, ct) - t0.astype(ct))
+                    new = new.astype(e.dtype)
+                    if self.nonfinite != "propagate":
+                        new = jnp.where(jnp.isfinite(new), new, e)
+                # The snapshot call sets the EMA and theta0, not the output (TRL).
+                return new if snapshot is False else jnp.where(snapshot, e, new)
 
             new_out = jax.tree.map(leaf, params, theta0, core.ema, out)
             if snapshot is False:
                 return theta0, new_out
 
             def snap(p: jax.Array, t0: jax.Array) -> jax.Array:
+                host = self.memory_kind in _memory.HOST_KINDS
+                t0 = _memory.to_device(t0) if host else t0
                 new = jnp.asarray(p, t0.dtype)
                 if self.nonfinite != "propagate" and _trees.is_averaged(t0):
                     new = jnp.where(jnp.isfinite(new), new, t0)  # as the EMA's own copy
-                return jnp.where(snapshot, new, t0)
+                new = jnp.where(snapshot, new, t0)
+                return _memory.to_host(new) if host else new
 
-            new_theta0 = jax.tree.map(snap, params, theta0)
-            return new_theta0, jax.tree.map(lambda n, o: jnp.where(snapshot, o, n), new_out, out)
+            return jax.tree.map(snap, params, theta0), new_out
 
         def skip(params: PyTree, theta0: PyTree, out: PyTree) -> tuple[PyTree, PyTree]:
             return theta0, out
@@ -262,6 +285,8 @@ def bema(
     min_ema_multiplier: float = 0.0,
     ema_dtype: Any = None,
     nonfinite: Nonfinite = "skip",
+    rounding: Rounding = "nearest",
+    memory_kind: str | None = None,
 ) -> Bema:
     r"""BEMA, the bias-corrected EMA of model weights (Block & Zhang 2025; TRL's ``BEMACallback``).
 
@@ -291,6 +316,11 @@ def bema(
       min_ema_multiplier: the smallest :math:`\beta_t`, in [0, 1].
       ema_dtype: dtype of the buffers' real floating leaves; None keeps each leaf's.
       nonfinite: the guard, as in :func:`ema_jax.ema`.
+      rounding: ``"stochastic"`` rounds the plain EMA's low-precision leaves without
+        bias, as in :func:`ema_jax.ema` (the output and ``theta0`` round to nearest).
+      memory_kind: ``"pinned_host"`` keeps all three buffers in host memory, with the
+        parameters' sharding, streamed through device memory leaf by leaf in the
+        update, as in :func:`ema_jax.ema`.
 
     Returns:
       A :class:`Bema` with ``init(params)`` and ``update(params, state)``;
@@ -317,4 +347,10 @@ def bema(
         multiplier=multiplier,
         min_ema_multiplier=min_ema_multiplier,
     )
-    return Bema(schedule, ema_dtype=ema_dtype, nonfinite=nonfinite)
+    return Bema(
+        schedule,
+        ema_dtype=ema_dtype,
+        nonfinite=nonfinite,
+        rounding=rounding,
+        memory_kind=memory_kind,
+    )

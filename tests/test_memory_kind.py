@@ -45,6 +45,24 @@ def test_a_pinned_host_ema_stays_there_and_equals_the_device_ema(name):
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(sh), jax.device_get(sd))
 
 
+@pytest.mark.parametrize("update_after", [0, 3])
+def test_a_pinned_host_bema_keeps_all_three_buffers_there(update_after):
+    # BEMA's output, its EMA and theta0 (the weights at the snapshot) all stay on the host.
+    kw = {"update_period": 2, "update_after": update_after}
+    host = ema_jax.bema(**kw, memory_kind="pinned_host")
+    dev = ema_jax.bema(**kw)
+    sh, sd = host.init(PARAMS), dev.init(PARAMS)
+    buffers = ("ema", "mean", "theta0")
+    assert all(kinds(getattr(sh, b)) == {"pinned_host"} for b in buffers)
+    update_h = jax.jit(host.update, donate_argnums=1)
+    update_d = jax.jit(dev.update, donate_argnums=1)
+    for i in range(memory_worker.STEPS):
+        params = memory_worker.trajectory(PARAMS, i)
+        sh, sd = update_h(params, sh), update_d(params, sd)
+        assert all(kinds(getattr(sh, b)) == {"pinned_host"} for b in buffers)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(sh), jax.device_get(sd))
+
+
 def test_init_under_jit_and_device_memory_kind():
     host = ema_jax.ema(schedules.constant(0.9), memory_kind="pinned_host")
     assert kinds(jax.jit(host.init)(PARAMS).ema) == {"pinned_host"}
