@@ -31,6 +31,7 @@ from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 import ema_jax
+from ema_jax import schedules
 
 NUM_SAMPLES_PRECISE = 8192  # pycls's BN.NUM_SAMPLES_PRECISE, precise_batch_stats' default
 
@@ -45,6 +46,8 @@ RUN_SETTINGS = (
     "quick",
     "no_precise_bn",
     "ema",
+    "ema_dtype",
+    "rounding",
 )
 
 
@@ -71,6 +74,18 @@ def parse_args(
         help="pycls's EMA (default) or BEMA, the bias-corrected EMA (TRL's BEMACallback)",
     )
     parser.add_argument(
+        "--ema-dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="the EMA's dtype (the model trains in float32)",
+    )
+    parser.add_argument(
+        "--rounding",
+        choices=("nearest", "stochastic"),
+        default="nearest",
+        help="how blends round into a bfloat16 EMA (stochastic: unbiased)",
+    )
+    parser.add_argument(
         "--no-precise-bn",
         action="store_true",
         help="keep the running/averaged BatchNorm statistics (pycls recomputes them every epoch)",
@@ -81,6 +96,8 @@ def parse_args(
     args = parser.parse_args(argv)
     if args.quick:
         args.epochs = 2
+    if args.rounding == "stochastic" and args.ema_dtype == "float32":
+        parser.error("--rounding stochastic needs --ema-dtype bfloat16 (float32 rounds exactly)")
     if args.epochs < 1 or args.batch_size < 1:
         parser.error(
             f"--epochs and --batch-size must be >= 1, got {args.epochs}, {args.batch_size}"
@@ -115,17 +132,24 @@ class Cnn(nn.Module):
 
 def make_transform(args: argparse.Namespace, steps_per_epoch: int) -> Any:
     """The EMA transform ``--ema`` names (both examples use it)."""
+    dtype = {"ema_dtype": args.ema_dtype, "rounding": args.rounding}
     if args.ema == "bema":
         # TRL's BEMA defaults, updating as often as the pycls EMA does here; its EMA and
         # theta0 snapshot the weights after the warmup epoch, as pycls's EMA copies them.
-        return ema_jax.bema(update_period=args.update_period, update_after=steps_per_epoch)
-    return ema_jax.normalized_ema(
-        ema_alpha=args.ema_alpha,  # pycls's EMA_ALPHA
-        batch_size=args.batch_size,  # global batch size
-        max_epoch=args.epochs,  # schedule length
-        update_period=args.update_period,  # update every k optimizer steps
-        warmup_epochs=1,  # copy the weights during the warmup epoch
-        steps_per_epoch=steps_per_epoch,
+        return ema_jax.bema(
+            update_period=args.update_period, update_after=steps_per_epoch, **dtype
+        )
+    return ema_jax.ema(
+        schedules.pycls(
+            ema_alpha=args.ema_alpha,  # pycls's EMA_ALPHA
+            batch_size=args.batch_size,  # global batch size
+            max_epoch=args.epochs,  # schedule length
+            update_period=args.update_period,  # update every k optimizer steps
+            warmup_epochs=1,  # copy the weights during the warmup epoch
+            steps_per_epoch=steps_per_epoch,
+        ),
+        nonfinite="skip_and_count",  # skip NaN/Inf weights, and count them (reported)
+        **dtype,
     )
 
 

@@ -95,7 +95,7 @@ def test_ema_option_picks_pycls_or_bema(train_digits):
     pycls = train_digits.parse_args(["--quick"])
     bema = train_digits.parse_args(["--quick", "--ema", "bema", "--update-period", "2"])
     assert pycls.ema == "pycls" and "ema" in train_digits.RUN_SETTINGS
-    assert isinstance(train_digits.make_transform(pycls, 8), ema_jax.NormalizedEma)
+    assert isinstance(train_digits.make_transform(pycls, 8), ema_jax.Ema)
     transform = train_digits.make_transform(bema, 8)
     assert transform.settings() == ema_jax.bema(update_period=2, update_after=8).settings()
     assert "EMA alpha per update varies, every 2 steps" in train_digits.describe(
