@@ -1,7 +1,7 @@
 """The rows of ``docs/migrating.md``: each peer's call and the ema_jax line that reproduces it.
 
 ``tests/test_migrating.py`` runs every row against the peer's code transcribed in
-``tests/anchors.py`` (the function named in ``anchor``) and checks each measured number;
+``tests/support/anchors.py`` (the function named in ``anchor``) and checks each measured number;
 ``python docs/migrating_table.py`` writes the table into the doc between
 ``<!-- BEGIN GENERATED: peers -->`` and ``<!-- END GENERATED: peers -->``.
 

@@ -1,4 +1,4 @@
-"""Closed-form checks of the anchor transcriptions in ``anchors.py``.
+"""Closed-form checks of the anchor transcriptions in ``support/anchors.py``.
 
 Small trajectories only: each check is a formula the anchor must satisfy (or the installed
 flax/optax it transcribes), so a slip in a transcription's indexing shows up here.
@@ -6,12 +6,12 @@ flax/optax it transcribes), so a slip in a transcription's indexing shows up her
 
 from __future__ import annotations
 
-import anchors
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from flax import nnx
+from support import anchors
 
 
 def _walk(steps: int, seed: int = 0, shape: tuple[int, ...] = (5,)) -> list[np.ndarray]:

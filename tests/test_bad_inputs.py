@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from models import BnNet
-from models import Mlp
-from models import make_state
+from support.models import BnNet
+from support.models import Mlp
+from support.models import make_state
 
 import ema_jax
 from ema_jax.__main__ import main as cli_main

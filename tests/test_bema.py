@@ -8,7 +8,6 @@ differ by a few float64 ulps per update; 1e-9 leaves room for nothing else.
 
 from __future__ import annotations
 
-import anchors
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,13 +15,14 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
-from models import Mlp
-from models import NnxNet
-from models import batches
-from models import make_state
-from models import train_step
+from support import anchors
 from support import fp32_tolerance
 from support import run_every_call
+from support.models import Mlp
+from support.models import NnxNet
+from support.models import batches
+from support.models import make_state
+from support.models import train_step
 
 import ema_jax
 from ema_jax._bema import BemaSchedule

@@ -15,13 +15,13 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax.training import train_state
-from models import EMA
-from models import BnNet
-from models import Mlp
-from models import batches
-from models import make_state
-from models import train_step
 from support import assert_trees_equal
+from support.models import EMA
+from support.models import BnNet
+from support.models import Mlp
+from support.models import batches
+from support.models import make_state
+from support.models import train_step
 
 import ema_jax
 

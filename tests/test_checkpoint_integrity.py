@@ -26,13 +26,13 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from models import EMA
-from models import PYCLS
-from models import Mlp
-from models import batches
-from models import make_state
-from models import train_step
 from support import assert_trees_equal
+from support.models import EMA
+from support.models import PYCLS
+from support.models import Mlp
+from support.models import batches
+from support.models import make_state
+from support.models import train_step
 
 import ema_jax
 

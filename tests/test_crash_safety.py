@@ -17,10 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-import crash_worker
 import jax
 import numpy as np
 import pytest
+from support import crash_worker
 
 KILLS = 12
 WORKER = Path(crash_worker.__file__)
@@ -41,7 +41,7 @@ def assert_same_state(got, want) -> None:
 
 def start_worker(workdir: Path) -> subprocess.Popen:
     env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(WORKER.parent.parent), str(WORKER.parent)])
+        os.environ, PYTHONPATH=os.pathsep.join([str(WORKER.parents[2]), str(WORKER.parents[1])])
     )
     return subprocess.Popen(
         [sys.executable, str(WORKER), str(workdir), "1000000"],

@@ -10,10 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from support import pycls_reference
 
 import ema_jax
-
-import pycls_reference
 
 LN2 = math.log(2.0)
 IMAGENET = dict(ema_alpha=1e-5, batch_size=128, max_epoch=200, dataset_size=1_281_167)

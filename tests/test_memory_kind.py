@@ -2,7 +2,7 @@
 
 On CPU the memory kinds are the same RAM, so what is checked is what can be: the
 placement through init and jitted, donated updates (here and on 8 simulated devices
-with the parameters' sharding, in memory_worker.py), bit-identity with the on-device
+with the parameters' sharding, in support/memory_worker.py), bit-identity with the on-device
 EMA, and the compiled update's memory analysis.
 """
 
@@ -13,10 +13,10 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import memory_worker
 import numpy as np
 import pytest
 from support import check_device_result
+from support import memory_worker
 from support import run_device_worker
 
 import ema_jax

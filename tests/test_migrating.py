@@ -1,4 +1,4 @@
-"""docs/migrating.md: every row's ema_jax line against the peer's code (tests/anchors.py).
+"""docs/migrating.md: every row's ema_jax line against the peer's code (tests/support/anchors.py).
 
 Rows run in float64 (``jax.enable_x64``) against the float64 transcriptions, to 1e-9 of
 the trajectory's range: the line reproduces the peer up to the order of float64
@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import pathlib
 
-import anchors
 import jax
 import jax.numpy as jnp
 import migrating_table
@@ -20,6 +19,7 @@ import numpy as np
 import pytest
 from migrating_table import ROWS
 from migrating_table import Row
+from support import anchors
 from support import fp32_tolerance
 
 import ema_jax

@@ -1,6 +1,6 @@
 """Two processes on 127.0.0.1 train a sharded EmaTrainState, save, and restore re-sharded.
 
-Each phase starts both processes of multihost_worker.py with 2 CPU devices each,
+Each phase starts both processes of support/multihost_worker.py with 2 CPU devices each,
 joined by jax.distributed over gloo; the EMA restored by fresh processes must be
 bit-identical to the one saved. Every process runs in its own session, under a
 and is killed with its group as soon as the other fails (it would wait for its peer
@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 import jax
-import multihost_worker
 import numpy as np
 import pytest
-import sharded
+from support import multihost_worker
+from support import sharded
 
 WORKER = Path(multihost_worker.__file__)
 pytestmark = pytest.mark.slow  # both phases together take about 15 s on 2 free cores
@@ -39,7 +39,7 @@ def run_phase(phase: str, workdir: Path) -> float:
         os.environ,
         JAX_PLATFORMS="cpu",
         XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2",
-        PYTHONPATH=os.pathsep.join([str(WORKER.parent.parent), str(WORKER.parent)]),
+        PYTHONPATH=os.pathsep.join([str(WORKER.parents[2]), str(WORKER.parents[1])]),
     )
     port = free_port()
     logs = [workdir / f"{phase}_{i}.log" for i in range(2)]

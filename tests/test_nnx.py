@@ -18,17 +18,17 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
-from models import EMA
-from models import PYCLS
-from models import NnxNet
-from models import batches
-from models import nnx_setup
-from models import nnx_train_step
 from support import arithmetic
 from support import assert_trees_equal
 from support import called
 from support import computations
 from support import is_big
+from support.models import EMA
+from support.models import PYCLS
+from support.models import NnxNet
+from support.models import batches
+from support.models import nnx_setup
+from support.models import nnx_train_step
 
 import ema_jax
 from ema_jax.nnx import Ema

@@ -21,14 +21,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
-from models import EMA
-from models import PYCLS
-from models import Mlp
-from models import batches
-from models import make_state
-from models import nnx_setup
-from models import nnx_train_step
 from support import assert_trees_equal
+from support.models import EMA
+from support.models import PYCLS
+from support.models import Mlp
+from support.models import batches
+from support.models import make_state
+from support.models import nnx_setup
+from support.models import nnx_train_step
 
 import ema_jax
 from ema_jax import nnx as ema_nnx

@@ -9,23 +9,23 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import nnx_precise_bn_worker
 import numpy as np
 import pytest
 from flax import nnx
-from models import EMA
-from models import NnxNet
-from models import batches
-from models import nnx_setup
-from models import nnx_train_step
-from nnx_precise_bn_worker import TwoBn
-from nnx_precise_bn_worker import check_against_numpy
-from nnx_precise_bn_worker import linen_params
-from nnx_precise_bn_worker import setup
-from precise_bn_worker import numpy_stats
 from support import assert_trees_equal
 from support import check_device_result
+from support import nnx_precise_bn_worker
 from support import run_device_worker
+from support.models import EMA
+from support.models import NnxNet
+from support.models import batches
+from support.models import nnx_setup
+from support.models import nnx_train_step
+from support.nnx_precise_bn_worker import TwoBn
+from support.nnx_precise_bn_worker import check_against_numpy
+from support.nnx_precise_bn_worker import linen_params
+from support.nnx_precise_bn_worker import setup
+from support.precise_bn_worker import numpy_stats
 
 import ema_jax
 from ema_jax import _batch_stats

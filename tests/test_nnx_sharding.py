@@ -1,6 +1,6 @@
 """`ema_jax.nnx.Ema` on 8 simulated CPU devices: on the model's shardings, no communication.
 
-The checks live in nnx_sharding_worker.py and run in one subprocess, so that this
+The checks live in support/nnx_sharding_worker.py and run in one subprocess, so that this
 process keeps its single device; each check is a test of its own here, failing with
 the worker's traceback.
 """
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nnx_sharding_worker
 import pytest
 from support import check_device_result
+from support import nnx_sharding_worker
 from support import run_device_worker
 
 WORKER = Path(nnx_sharding_worker.__file__)

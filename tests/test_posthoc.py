@@ -1,5 +1,5 @@
 """Post-hoc EMA: the math against the paper, reconstructions against directly tracked
-averages (within the bound derived in tests/posthoc_bound.py), resume, and bad input."""
+averages (within the bound derived in tests/support/posthoc_bound.py), resume, and bad input."""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ import itertools
 import shutil
 import warnings
 
-import anchors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-import posthoc_bound
 import pytest
+from support import anchors
+from support import posthoc_bound
 
 import ema_jax
 from ema_jax import posthoc

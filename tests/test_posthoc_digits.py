@@ -1,6 +1,6 @@
 """Post-hoc EMA on a short digits run (examples/posthoc_digits.py --quick): the
 reconstructions match the averages tracked directly in the same run, within the bound
-derived in tests/posthoc_bound.py, evaluated on the run's recorded weights."""
+derived in tests/support/posthoc_bound.py, evaluated on the run's recorded weights."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pathlib
 
 import jax
 import numpy as np
-import posthoc_bound
 import pytest
+from support import posthoc_bound
 
 from ema_jax import posthoc
 

@@ -8,20 +8,20 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import precise_bn_worker
 import pytest
-from models import EMA
-from models import BnNet
-from models import Mlp
-from models import batches
-from models import make_state
-from models import train_step
-from precise_bn_worker import TwoBn
-from precise_bn_worker import check_against_numpy
-from precise_bn_worker import numpy_stats
-from precise_bn_worker import setup
 from support import check_device_result
+from support import precise_bn_worker
 from support import run_device_worker
+from support.models import EMA
+from support.models import BnNet
+from support.models import Mlp
+from support.models import batches
+from support.models import make_state
+from support.models import train_step
+from support.precise_bn_worker import TwoBn
+from support.precise_bn_worker import check_against_numpy
+from support.precise_bn_worker import numpy_stats
+from support.precise_bn_worker import setup
 
 import ema_jax
 from ema_jax import _batch_stats

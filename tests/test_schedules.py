@@ -1,4 +1,4 @@
-"""Every schedule against its anchor's transcription (tests/anchors.py) and closed forms.
+"""Every schedule against its anchor's transcription (tests/support/anchors.py) and closed forms.
 
 Two levels: the per-call step size (float64 on both sides, so a tight relative
 tolerance catches any off-by-one in the step indexing), and the jitted float32 EMA over
@@ -14,14 +14,14 @@ import inspect
 import math
 import pathlib
 
-import anchors
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from models import PYCLS
+from support import anchors
 from support import fp32_tolerance
 from support import run_every_call
+from support.models import PYCLS
 
 import ema_jax
 from ema_jax import schedules
@@ -169,7 +169,7 @@ def test_power_function_with_a_period_realises_the_power_profile(update_period):
 
 
 def test_karras_ema_with_a_period_is_not_the_power_profile_but_ours_is():
-    # ema-pytorch's KarrasEMA uses the one-step beta every k steps (tests/anchors.py):
+    # ema-pytorch's KarrasEMA uses the one-step beta every k steps (tests/support/anchors.py):
     # its average weighs recent parameters far less than the profile it claims.
     k, gamma = 10, anchors.gamma_from_sigma_rel(0.05)
     trajectory = [{"w": np.array([float(i)]), "b": np.array([0.0])} for i in range(CALLS + 1)]

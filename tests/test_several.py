@@ -16,8 +16,8 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from models import PYCLS
 from support import run_ema
+from support.models import PYCLS
 
 import ema_jax
 from ema_jax import nnx as ema_nnx

@@ -1,6 +1,6 @@
 """The EMA follows the parameters' sharding on 8 simulated CPU devices, and costs no communication.
 
-The checks live in sharding_worker.py and run in subprocesses, so that this
+The checks live in support/sharding_worker.py and run in subprocesses, so that this
 process keeps its single device: one on 8 devices (init, update, EmaTrainState,
 train steps, collectives, memory, save and restore on 8, 4 and 1), then a fresh
 one on 4 devices that restores the checkpoint the first wrote. Each check is a
@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import sharding_worker
 from support import run_device_worker
+from support import sharding_worker
 
 WORKER = Path(sharding_worker.__file__)
 DEVICES = {"devices8": 8, "devices4": 4}  # the 8-device group takes about 45 s on 2 busy cores

@@ -10,15 +10,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from models import EMA
-from models import BnNet
-from models import Mlp
-from models import batches
-from models import make_state
-from models import train_step
 from support import linear_gradient_error
 from support import max_abs
 from support import max_abs_diff
+from support.models import EMA
+from support.models import BnNet
+from support.models import Mlp
+from support.models import batches
+from support.models import make_state
+from support.models import train_step
 
 import ema_jax
 

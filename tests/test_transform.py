@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from support import assert_trees_close
 from support import fp32_tolerance
+from support import pycls_reference
 from support import run_ema
 
 import ema_jax
 
-import pycls_reference
 from conftest import make_trajectory
 
 EPS32 = float(np.finfo(np.float32).eps)

@@ -63,7 +63,7 @@ class WarmupPower(_Warmup):
 
     This is the decay of timm's ``ModelEmaV3(use_warmup=True)``, ema-pytorch's ``EMA``
     and diffusers' ``EMAModel(use_ema_warmup=True)`` at their update that follows our
-    call ``i`` (the step counters they pass are ``i + 1``; see tests/anchors.py for the
+    call ``i`` (the step counters they pass are ``i + 1``; see tests/support/anchors.py for the
     transcriptions and their line numbers).
 
     Args:

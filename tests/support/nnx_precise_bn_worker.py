@@ -1,6 +1,6 @@
 """NNX precise BatchNorm statistics on 8 simulated CPU devices: test_nnx_precise_bn.py runs this.
 
-Run as ``python tests/nnx_precise_bn_worker.py OUT.json`` with
+Run as ``python tests/support/nnx_precise_bn_worker.py OUT.json`` with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8``; writes ``{check: "ok" |
 traceback}``. Also the home of the NNX test model, the twin of precise_bn_worker's
 linen ``TwoBn``, checked against that module's NumPy reference (importing this module
@@ -21,12 +21,12 @@ from flax import nnx
 from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from precise_bn_worker import EPS_BLOCK
-from precise_bn_worker import EPS_INPUT
-from precise_bn_worker import numpy_stats
-from precise_bn_worker import stats_bound
 
 from ema_jax import nnx as ema_nnx
+from support.precise_bn_worker import EPS_BLOCK
+from support.precise_bn_worker import EPS_INPUT
+from support.precise_bn_worker import numpy_stats
+from support.precise_bn_worker import stats_bound
 
 
 class Block(nnx.Module):

@@ -183,7 +183,7 @@ def run_device_worker(
         os.environ,
         JAX_PLATFORMS="cpu",
         XLA_FLAGS=flags.strip(),
-        PYTHONPATH=os.pathsep.join([str(worker.parent.parent), str(worker.parent)]),
+        PYTHONPATH=os.pathsep.join([str(worker.parents[2]), str(worker.parents[1])]),
     )
     command = [sys.executable, str(worker), *args]
     proc = subprocess.run(command, capture_output=True, text=True, env=env)

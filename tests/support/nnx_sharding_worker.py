@@ -1,6 +1,6 @@
 """`ema_jax.nnx.Ema` on 8 simulated CPU devices: test_nnx_sharding.py runs this in a subprocess.
 
-Run as ``python tests/nnx_sharding_worker.py WORKDIR`` with
+Run as ``python tests/support/nnx_sharding_worker.py WORKDIR`` with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8``. It runs every check and writes
 WORKDIR/nnx_sharding.json: ``{check: "ok" | traceback}``.
 """
@@ -21,14 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-import sharded
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from sharding_worker import all_reduce_operand_shapes
 
 import ema_jax
 from ema_jax.nnx import Ema
+from support import sharded
+from support.sharding_worker import all_reduce_operand_shapes
 
 CHECKS: dict[str, Callable[[Path], None]] = {}
 STEPS = 3

@@ -1,6 +1,6 @@
 """A deterministic training loop that checkpoints every step: the crash-safety test kills it.
 
-Run as ``python tests/crash_worker.py WORKDIR MAX_STEPS``. It resumes from the
+Run as ``python tests/support/crash_worker.py WORKDIR MAX_STEPS``. It resumes from the
 latest complete checkpoint in WORKDIR, then trains, saving asynchronously after
 every step and printing ``saving N`` right after each ``manager.save`` returns
 (the write is then still in flight), until MAX_STEPS. The state after step ``s``

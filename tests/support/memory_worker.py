@@ -1,6 +1,6 @@
 """A host-resident EMA on 8 simulated CPU devices: test_memory_kind.py runs this in a subprocess.
 
-Run as ``python tests/memory_worker.py WORKDIR`` with
+Run as ``python tests/support/memory_worker.py WORKDIR`` with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8``. It runs every check and writes
 WORKDIR/memory.json: ``{check: "ok" | traceback}``.
 """

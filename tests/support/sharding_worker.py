@@ -1,6 +1,6 @@
 """Sharding checks on simulated CPU devices: test_sharding.py runs this in subprocesses.
 
-Run as ``python tests/sharding_worker.py GROUP WORKDIR`` with
+Run as ``python tests/support/sharding_worker.py GROUP WORKDIR`` with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=N``. It runs every check of
 GROUP ("devices8" on 8 devices, "devices4" on 4, fresh from the checkpoint the
 first wrote) and writes WORKDIR/GROUP.json: ``{check: "ok" | traceback}``, so that
@@ -26,10 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-import sharded
 from jax.sharding import SingleDeviceSharding
 
 import ema_jax
+from support import sharded
 
 STEPS = 3
 SAVED_LAYOUT = "mixed"

@@ -1,6 +1,6 @@
 """Precise BatchNorm statistics on 8 simulated CPU devices: test_precise_bn.py runs this.
 
-Run as ``python tests/precise_bn_worker.py OUT.json`` with
+Run as ``python tests/support/precise_bn_worker.py OUT.json`` with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8``; writes ``{check: "ok" |
 traceback}``. Also the home of the test model and its NumPy reference, which
 test_precise_bn.py imports (importing this module starts no devices).

@@ -1,6 +1,6 @@
 """One of two processes of a multi-host run on CPU: test_multihost.py starts them.
 
-Run as ``python tests/multihost_worker.py PHASE PROCESS_ID PORT WORKDIR`` with
+Run as ``python tests/support/multihost_worker.py PHASE PROCESS_ID PORT WORKDIR`` with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=2``: the two processes join
 through ``jax.distributed`` (gloo collectives) into one runtime of 4 devices.
 
@@ -24,8 +24,9 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-import sharded
 from jax.experimental import multihost_utils
+
+from support import sharded
 
 STEPS = 3
 TRAIN_LAYOUT, TRAIN_MESH = "fsdp", (4,)

@@ -31,11 +31,11 @@ u = 2**-24), and unrolling it with the damping ``D_j = prod_{l > j}(1 - alpha_l)
 
 from __future__ import annotations
 
-import anchors
 import numpy as np
 
 from ema_jax import posthoc
 from ema_jax.schedules import PowerFunction
+from support import anchors
 
 U32 = 2.0**-24
 UNIT_ROUNDOFF = {None: 0.0, "float32": 0.0, "bfloat16": 2.0**-8, "float16": 2.0**-11}
