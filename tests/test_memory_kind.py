@@ -14,12 +14,18 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from support import check_device_result
 from support import memory_worker
 from support import run_device_worker
+from support.models import Mlp
+from support.models import batches
+from support.models import make_state
+from support.models import train_step
 
 import ema_jax
+from ema_jax import posthoc
 from ema_jax import schedules
 
 WORKER = Path(memory_worker.__file__)
@@ -105,3 +111,42 @@ def test_bad_memory_kind_lists_the_kinds_the_backend_has(kind, text):
         ema_jax.ema(schedules.constant(0.9), memory_kind=kind)
     if "backend" in text:
         assert "'device', 'pinned_host', 'unpinned_host'" in str(info.value)
+
+
+def _trained(ema, steps: int = 6):
+    state = make_state(Mlp(), ema)
+    step = jax.jit(train_step, donate_argnums=0)
+    for x, y in batches(steps):
+        state, _ = step(state, x, y)
+    return state
+
+
+def test_a_pinned_host_ema_is_checkpointed_and_restored_onto_the_host(tmp_path):
+    host = ema_jax.ema(schedules.constant(0.9), memory_kind="pinned_host")
+    state = _trained(host)
+    assert kinds(state.ema_state.ema) == {"pinned_host"}
+    with ocp.CheckpointManager(tmp_path, item_handlers=ocp.StandardCheckpointHandler()) as m:
+        ema_jax.save_checkpoint(m, state)
+        m.wait_until_finished()
+        restored = ema_jax.restore_checkpoint(m, make_state(Mlp(), host, seed=1))
+    assert kinds(restored.ema_state.ema) == {"pinned_host"}
+    assert kinds(restored.params) == {"device"}
+    got, want = (restored.params, restored.ema_state), (state.params, state.ema_state)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(got), jax.device_get(want))
+
+
+def test_pinned_host_posthoc_trackers_snapshot_and_reconstruct_as_on_device(tmp_path):
+    results = {}
+    for kind in ("pinned_host", None):
+        trackers = posthoc.trackers(batch_size=4, memory_kind=kind)
+        state = make_state(Mlp(), trackers)
+        snapshots = posthoc.Snapshots(tmp_path / str(kind), snapshot_every=2)
+        step = jax.jit(train_step, donate_argnums=0)
+        for x, y in batches(8):
+            state, _ = step(state, x, y)
+            snapshots.save(state)
+        snapshots.close()
+        want = {"pinned_host"} if kind else {"device"}
+        assert kinds(state.ema_state.ema) == want
+        results[kind] = posthoc.reconstruct(tmp_path / str(kind), 0.1)  # a tracked width
+    jax.tree.map(np.testing.assert_array_equal, results["pinned_host"], results[None])

@@ -41,6 +41,8 @@ def trackers(
     update_period: int = 1,
     ema_dtype: Any = None,
     nonfinite: str = "skip",
+    rounding: str = "nearest",
+    memory_kind: str | None = None,
 ) -> Ema:
     """Power-function EMAs at several ``sigma_rel`` in one pass: what :class:`Snapshots` saves.
 
@@ -53,7 +55,8 @@ def trackers(
       sigma_rels: the tracked relative widths, two or more (EDM2: 0.05 and 0.10).
       batch_size: the global batch of one optimizer step.
       update_period: update the averages every this many optimizer steps.
-      ema_dtype, nonfinite: as in :func:`ema_jax.ema`.
+      ema_dtype, nonfinite, rounding, memory_kind: as in :func:`ema_jax.ema`
+        (``memory_kind="pinned_host"``: the trackers live in host memory).
 
     Example:
       >>> from ema_jax import posthoc
@@ -72,7 +75,13 @@ def trackers(
         name: power_function(sigma_rel=s, batch_size=batch_size, update_period=update_period)
         for name, s in zip(names, sigma_rels, strict=True)
     }
-    return make_ema(schedules, ema_dtype=ema_dtype, nonfinite=nonfinite)  # type: ignore[arg-type]
+    return make_ema(
+        schedules,  # type: ignore[arg-type]
+        ema_dtype=ema_dtype,
+        nonfinite=nonfinite,  # type: ignore[arg-type]
+        rounding=rounding,  # type: ignore[arg-type]
+        memory_kind=memory_kind,
+    )
 
 
 class Snapshots:
