@@ -136,9 +136,7 @@ def make_transform(args: argparse.Namespace, steps_per_epoch: int) -> Any:
     if args.ema == "bema":
         # TRL's BEMA defaults, updating as often as the pycls EMA does here; its EMA and
         # theta0 snapshot the weights after the warmup epoch, as pycls's EMA copies them.
-        return ema_jax.bema(
-            update_period=args.update_period, update_after=steps_per_epoch, **dtype
-        )
+        return ema_jax.bema(update_period=args.update_period, update_after=steps_per_epoch, **dtype)
     return ema_jax.ema(
         schedules.pycls(
             ema_alpha=args.ema_alpha,  # pycls's EMA_ALPHA
