@@ -9,6 +9,7 @@ by round ("paired") before the median.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import platform
 import re
@@ -107,3 +108,12 @@ def machine_name() -> str:
         pass
     slug = re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-")
     return f"cpu-{os.cpu_count()}core-{slug}"
+
+
+def write_results(result: dict[str, Any], stem: str, out: str | None) -> Path:
+    """The run's JSON at ``out``, or ``results/<stem>-<machine>.json`` beside the benchmarks."""
+    path = Path(out or Path(__file__).parent / "results" / f"{stem}-{machine_name()}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1, default=float) + "\n")
+    print(f"\nwrote {path}")
+    return path

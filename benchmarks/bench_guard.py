@@ -24,11 +24,9 @@ Prints a table with the load average before and after, writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import warnings
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -42,6 +40,7 @@ from _timing import measure
 from _timing import paired_ratio
 from _timing import paired_ratio_quartiles
 from _timing import summary
+from _timing import write_results
 from _workloads import param_tree
 
 import ema_jax
@@ -217,10 +216,7 @@ def main(argv: list[str] | None = None) -> None:
             f"  {row['label']:<50} {row['median_ms']:>8.2f} {row['ratio_to_nearest']:>13.3f}"
             f"  [{lo:.3f}-{hi:.3f}]"
         )
-    out = Path(args.out or Path(__file__).parent / "results" / f"guard-{machine_name()}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=float) + "\n")
-    print(f"\nwrote {out}")
+    write_results(result, "guard", args.out)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,7 @@ setting and a traced (step-dependent) step size beside it; and K averages in one
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -30,6 +28,7 @@ from _timing import measure
 from _timing import paired_ratio
 from _timing import paired_ratio_quartiles
 from _timing import summary
+from _timing import write_results
 from _workloads import copy_tree
 from _workloads import param_tree
 
@@ -185,10 +184,7 @@ def main(argv: list[str] | None = None) -> None:
             f" {row['ratio']:>7.3f} {row['target']:>7.3f} {row['target_met']!s:>5}"
             f" {row['temp_bytes']:>11,}"
         )
-    out = Path(args.out or Path(__file__).parent / "results" / f"schedules-{machine_name()}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=float) + "\n")
-    print(f"\nwrote {out}")
+    write_results(result, "schedules", args.out)
 
 
 if __name__ == "__main__":

@@ -204,12 +204,13 @@ def run(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--check-doc", action="store_true", help="only check the doc")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT / "experiments"))
+    import invariance_doc  # fill: the generated blocks' filler, shared with the sweep's doc
     import nqm_report  # the analysis and the doc, beside this file
 
     if args.write_doc or args.check_doc:
         data = json.loads(JSON_PATH.read_text(encoding="utf-8"))
         text = DOC.read_text(encoding="utf-8")
-        new = nqm_report.fill(text, nqm_report.blocks(data))
+        new = invariance_doc.fill(text, nqm_report.blocks(data))
         if args.check_doc:
             print("docs/nqm.md is " + ("up to date" if new == text else "OUT OF DATE"))
             return 0 if new == text else 1

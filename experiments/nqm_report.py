@@ -221,18 +221,6 @@ def blocks(data: Data) -> dict[str, str]:
     return out
 
 
-BLOCK = re.compile(r"(<!-- BEGIN GENERATED: (\S+) -->\n).*?(\n<!-- END GENERATED: \2 -->)", re.S)
-
-
-def fill(doc: str, generated: Mapping[str, str]) -> str:
-    """``doc`` with every generated block replaced; each block must be there."""
-    found = {name for _, name, _ in BLOCK.findall(doc)}
-    missing = sorted(set(generated) - found)
-    if missing:
-        raise ValueError(f"the doc lacks the block(s) {missing}: add their BEGIN/END markers")
-    return BLOCK.sub(lambda m: m[1] + generated[m[2]] + m[3], doc)
-
-
 def text_summary(data: Data) -> str:
     return "\n\n".join(
         [headline(data)]

@@ -17,6 +17,7 @@ import pytest
 
 from ema_jax import schedules
 
+import invariance_doc
 import nqm
 import nqm_report
 
@@ -92,6 +93,6 @@ def test_doc_holds_the_results_verbatim():
     assert not data["settings"]["quick"]
     assert data["summary"] == json.loads(json.dumps(nqm_report.analyze(data)))
     doc = nqm.DOC.read_text(encoding="utf-8")
-    assert nqm_report.fill(doc, nqm_report.blocks(data)) == doc, (
+    assert invariance_doc.fill(doc, nqm_report.blocks(data)) == doc, (
         "docs/nqm.md is out of date: run python experiments/nqm.py --write-doc"
     )
