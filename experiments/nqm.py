@@ -243,7 +243,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     default = ROOT / "workdir" / "nqm-quick" if quick else RESULTS
     out = pathlib.Path(args.out) if args.out else default
     out.mkdir(parents=True, exist_ok=True)
-    (out / "nqm.json").write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    text = json.dumps(data, separators=(",", ":"))  # compact: most of it is the losses
+    (out / "nqm.json").write_text(text + "\n", encoding="utf-8")
     print(nqm_report.text_summary(data))
     print(f"wrote {out / 'nqm.json'} ({data['wall_s']} s)")
     return 0
