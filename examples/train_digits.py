@@ -132,7 +132,9 @@ class Cnn(nn.Module):
 
 def make_transform(args: argparse.Namespace, steps_per_epoch: int) -> Any:
     """The EMA transform ``--ema`` names (both examples use it)."""
-    dtype = {"ema_dtype": args.ema_dtype, "rounding": args.rounding}
+    # float32: the parameters' own dtype, so the EMA keeps it (ema_dtype=None).
+    ema_dtype = None if args.ema_dtype == "float32" else args.ema_dtype
+    dtype = {"ema_dtype": ema_dtype, "rounding": args.rounding}
     if args.ema == "bema":
         # TRL's BEMA defaults, updating as often as the pycls EMA does here; its EMA and
         # theta0 snapshot the weights after the warmup epoch, as pycls's EMA copies them.

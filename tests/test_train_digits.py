@@ -103,3 +103,17 @@ def test_ema_option_picks_pycls_or_bema(train_digits):
     )
     with pytest.raises(SystemExit):
         train_digits.parse_args(["--ema", "swa"])
+
+
+def test_ema_dtype_and_rounding_options(train_digits):
+    import jax.numpy as jnp
+
+    args = train_digits.parse_args(
+        ["--quick", "--ema-dtype", "bfloat16", "--rounding", "stochastic"]
+    )
+    ema = train_digits.make_transform(args, 8)
+    assert ema.ema_dtype == jnp.bfloat16 and ema.rounding == "stochastic"
+    assert {"ema_dtype", "rounding"} <= set(train_digits.RUN_SETTINGS)
+    assert train_digits.make_transform(train_digits.parse_args(["--quick"]), 8).ema_dtype is None
+    with pytest.raises(SystemExit):  # float32 rounds exactly: stochastic has nothing to do
+        train_digits.parse_args(["--rounding", "stochastic"])
