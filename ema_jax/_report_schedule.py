@@ -20,7 +20,7 @@ from ema_jax._report_text import format_schedule_report
 from ema_jax.schedules import Constant
 from ema_jax.schedules import Schedule
 
-MAX_CALLS = 10**7  # calls scanned for the cadence; beyond, multiples of update_period
+MAX_CALLS = 4_000_000  # calls scanned for the cadence; beyond, multiples of update_period
 MAX_UPDATES = 5_000_000  # beyond this many updates, the whole-run sums are not computed
 DTYPE_GAP_TOLERANCE = 0.05
 BIAS_TOLERANCE = 1e-3
@@ -97,18 +97,21 @@ def _curve_steps(total: int, k: int) -> list[int]:
     return sorted(s for s in on_updates if s < total)
 
 
-def _update_calls(schedule: Schedule, total: int) -> np.ndarray:
-    """The calls below ``total`` that update, by the schedule's own ``updates_at`` (int64).
+def _update_calls(schedule: Schedule, total: int) -> tuple[int, int | None, np.ndarray | None]:
+    """How many of the calls below ``total`` update, the last one, and all of them.
 
-    A family may update off the multiples of ``update_period`` (BEMA from its
-    ``update_after`` on); past ``MAX_CALLS`` calls the multiples stand in.
+    By the schedule's own ``updates_at`` (a family may update off the multiples of
+    ``update_period``: BEMA from its ``update_after`` on) up to ``MAX_CALLS`` calls;
+    beyond, the multiples of ``update_period`` stand in, counted without listing them
+    (the list is None: a run of 2**31 steps is not an array of 2**31 calls).
     """
+    k = schedule.update_period
     if total > MAX_CALLS:
-        return np.arange(-(-total // schedule.update_period), dtype=np.int64) * (
-            schedule.update_period
-        )
+        count = -(-total // k)
+        return count, (count - 1) * k, None
     calls = np.arange(total, dtype=np.int64)
-    return calls[np.broadcast_to(np.asarray(schedule.updates_at(calls), bool), calls.shape)]
+    calls = calls[np.broadcast_to(np.asarray(schedule.updates_at(calls), bool), calls.shape)]
+    return int(calls.size), (int(calls[-1]) if calls.size else None), calls
 
 
 def _alphas(schedule: Schedule, calls: np.ndarray) -> np.ndarray:
@@ -158,16 +161,17 @@ def explain_schedule(
     n_updates = copies = None
     alpha_end = h_updates = h_steps_end = h_samples = share_end = start = gap = None
     if total is not None:
-        calls = _update_calls(schedule, total)
-        n_updates = int(calls.size)
-        if n_updates:
-            alpha_end = float(_alphas(schedule, calls[-1:])[0])
+        n_updates, last, calls = _update_calls(schedule, total)
+        if last is not None:
+            alpha_end = float(_alphas(schedule, np.array([last]))[0])
             h_updates = _half_life(alpha_end)
             h_steps_end = h_updates * k
             h_samples = None if batch is None else h_steps_end * batch
             share_end = h_steps_end / total
             gap = eps / (2.0 * alpha_end) if alpha_end else math.inf
         if n_updates <= MAX_UPDATES:
+            if calls is None:
+                calls = np.arange(n_updates, dtype=np.int64) * k
             alphas = _alphas(schedule, calls)
             copied = np.flatnonzero(alphas == 1.0)
             copies = int(copied.size)
