@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # what _LAZY loads on first use, for type checkers
     from ema_jax.linen import restore_checkpoint
     from ema_jax.linen import save_checkpoint
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 # name -> (module, attribute in it; None: the module itself). Loaded on first use.
 _LAZY: dict[str, tuple[str, str | None]] = {
