@@ -14,6 +14,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "docs"))
 
+import generated_blocks  # noqa: E402
 import math_tables as _math_tables  # noqa: E402
 
 DOC = ROOT / "docs" / "math.md"
@@ -23,15 +24,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only check, write nothing")
     args = parser.parse_args()
-    text = DOC.read_text(encoding="utf-8")
-    new = _math_tables.fill(text)
-    if args.check:
-        if new != text:
-            print(f"{DOC} is out of date: run python docs/make_math_tables.py", file=sys.stderr)
-            return 1
-        return 0
-    DOC.write_text(new, encoding="utf-8")
-    return 0
+    new = _math_tables.fill(DOC.read_text(encoding="utf-8"))
+    return generated_blocks.write_or_check(DOC, new, "docs/make_math_tables.py", args.check)
 
 
 if __name__ == "__main__":

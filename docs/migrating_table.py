@@ -330,15 +330,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only check, write nothing")
     args = parser.parse_args()
-    text = DOC.read_text(encoding="utf-8")
-    new = fill(text)
-    if args.check:
-        if new != text:
-            print(f"{DOC} is out of date: run python docs/migrating_table.py", file=sys.stderr)
-            return 1
-        return 0
-    DOC.write_text(new, encoding="utf-8")
-    return 0
+    new = fill(DOC.read_text(encoding="utf-8"))  # puts docs/ on the path
+    import generated_blocks
+
+    return generated_blocks.write_or_check(DOC, new, "docs/migrating_table.py", args.check)
 
 
 if __name__ == "__main__":

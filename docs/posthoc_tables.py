@@ -307,13 +307,7 @@ def main() -> int:
     if args.measure:
         tables["measured"] = measure()
     new = fill(text, tables)
-    if args.check:
-        if new != text:
-            print(f"{DOC} is out of date: run python docs/posthoc_tables.py", file=sys.stderr)
-            return 1
-        return 0
-    DOC.write_text(new, encoding="utf-8")
-    return 0
+    return generated_blocks.write_or_check(DOC, new, "docs/posthoc_tables.py", args.check)
 
 
 if __name__ == "__main__":
