@@ -1,22 +1,26 @@
-"""Does pycls's normalized EMA free you from retuning when batch size and schedule length change?
+"""Does one EMA setting survive changes of batch size and schedule length? Every family.
 
 Trains the digits CNN at every batch size and schedule length of a grid, several seeds
-each, and in every run tracks, in one ``ema_jax.ema`` transform, pycls's rule
-(``schedules.pycls``, linear and exact) at a grid of ``ema_alpha`` values and fixed
-per-step decays (``schedules.constant``); records the test accuracy of every average
-and of the raw weights after every epoch. Then compares one global ``ema_alpha`` and
-one global decay against the best of each configuration (``invariance_report.py``).
+each, in two settings (``_invariance_train.SETTINGS``): pycls's own recipe (BatchNorm
+with precise statistics for every average, cosine learning rate, pycls's warmup) and
+the first sweep's (GroupNorm, constant learning rate). Every run tracks every family's
+grid (``_invariance_families.FAMILIES``: pycls's rule linear and exact, a fixed decay,
+EDM2's power function, EDM's half-life in samples, a half-life as a share of training,
+BEMA) and records the final test accuracy and cross-entropy of every average and of
+the raw weights. Then compares each family's one global setting against the best of
+each configuration (``invariance_report.py``).
 
 Run (not part of the test suite):
-  python experiments/invariance.py             # the sweep (~13 min on 2 shared cores)
-  python experiments/invariance.py --quick     # a 2x2, one-seed version (~30 s)
-  python experiments/invariance.py --write-doc # docs/invariance.md from the JSON
-  python experiments/invariance.py --check-doc # exit 1 if the doc is out of date
-  python experiments/invariance.py --summarize # the JSON's summary and the plot, again
+  python experiments/invariance.py                  # both settings (about an hour on 2 cores)
+  python experiments/invariance.py --setting bn_cos # one setting
+  python experiments/invariance.py --quick          # 2x2 configurations, one seed, coarse grids
+  python experiments/invariance.py --write-doc      # docs/invariance.md from the JSON
+  python experiments/invariance.py --check-doc      # exit 1 if the doc is out of date
+  python experiments/invariance.py --summarize      # the JSONs' summaries and plots, again
 
-The sweep writes ``experiments/results/invariance.json`` (every number: the correct
-counts per seed, epoch and average, the settings, the summary) and ``invariance.png``;
-``--quick`` writes into ``workdir/invariance-quick/``.
+Each setting writes ``experiments/results/invariance_<setting>.json`` (every number:
+the correct counts and cross-entropies per seed and average, the settings, the summary)
+and ``invariance_<setting>.png``; ``--quick`` writes into ``workdir/invariance-quick/``.
 """
 
 from __future__ import annotations
@@ -39,72 +43,70 @@ import invariance_report as report  # noqa: E402
 
 RESULTS = ROOT / "experiments" / "results"
 DOC = ROOT / "docs" / "invariance.md"
-JSON_PATH = RESULTS / "invariance.json"
+SETTINGS = ("bn_cos", "gn_const")  # _invariance_train.SETTINGS, without importing JAX
 
 BATCH_SIZES = (8, 16, 32, 64)  # 8x
 EPOCHS = (10, 20, 40)  # 4x
 SEEDS = (0, 1, 2, 3, 4)
-# Log-spaced, a quarter decade apart: ema_alpha from 10**-3.5 to 10**-0.5, and 1 - decay
-# over the same range (half-lives from about 1 to 2200 steps).
-EXPONENTS = tuple(-3.5 + 0.25 * i for i in range(13))
-BASE_LR = 0.25  # at batch 32; the example's 2.0 diverges without BatchNorm
-WEIGHT_DECAY = 5e-4  # pycls's OPTIM.WEIGHT_DECAY: keeps the raw weights noisy to the end
 
 QUICK_BATCH_SIZES = (16, 64)
-QUICK_EPOCHS = (5, 10)
+QUICK_EPOCHS = (3, 6)
 QUICK_SEEDS = (0,)
-QUICK_EXPONENTS = tuple(-3.5 + 0.5 * i for i in range(7))
+
+
+def json_path(setting: str, folder: pathlib.Path = RESULTS) -> pathlib.Path:
+    return folder / f"invariance_{setting}.json"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 batch sizes x 2 lengths, 1 seed")
+    parser.add_argument("--setting", choices=SETTINGS, action="append", help="default: both")
     parser.add_argument("--out", default=None, help="output folder (JSON and plot)")
     parser.add_argument("--write-doc", action="store_true", help="only rewrite the doc")
     parser.add_argument("--check-doc", action="store_true", help="only check the doc")
     parser.add_argument(
         "--summarize",
         action="store_true",
-        help="only recompute the JSON's summary and the plot from its counts",
+        help="only recompute the JSONs' summaries and plots from their counts",
     )
     return parser.parse_args(argv)
 
 
-def load_results(path: pathlib.Path = JSON_PATH) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8"))
+def load_results(folder: pathlib.Path = RESULTS) -> dict[str, dict[str, Any]]:
+    """Every setting's JSON, by setting."""
+    return {s: json.loads(json_path(s, folder).read_text(encoding="utf-8")) for s in SETTINGS}
 
 
-def doc_text(data: dict[str, Any], text: str) -> str:
-    """The doc with its generated blocks filled from the sweep's JSON."""
+def doc_text(data: dict[str, dict[str, Any]], text: str) -> str:
+    """The doc with its generated blocks filled from the sweeps' JSON."""
     return doc.fill(text, doc.blocks(data))
 
 
-def sweep(quick: bool) -> dict[str, Any]:
-    """Runs every configuration; returns the JSON-ready results with their summary."""
+def sweep(setting_name: str, quick: bool) -> dict[str, Any]:
+    """Runs every configuration of one setting; returns the JSON-ready results (no summary)."""
     import jax
 
+    import _invariance_families as families
     import _invariance_train as train
 
+    setting = train.SETTINGS[setting_name]
+    norm = "BatchNorm" if setting.norm == "batch" else "GroupNorm(4)"
     batch_sizes = QUICK_BATCH_SIZES if quick else BATCH_SIZES
     epochs = QUICK_EPOCHS if quick else EPOCHS
     seeds = list(QUICK_SEEDS if quick else SEEDS)
-    exponents = QUICK_EXPONENTS if quick else EXPONENTS
-    ema_alphas = [10.0**e for e in exponents]
-    decays = [1.0 - 10.0**e for e in exponents]
     data = train.load_data()
     load_start = os.getloadavg()
     start = time.perf_counter()
     runs = []
     configs = [train.Config(n, m) for n in batch_sizes for m in epochs]
     for i, config in enumerate(configs):
-        out = train.run_config(
-            config, seeds, ema_alphas, decays, BASE_LR, data, weight_decay=WEIGHT_DECAY
-        )
-        acc = out["correct"][:, -1, :].mean(axis=0) / len(data[3])
+        out = train.run_config(setting, config, seeds, data, quick)
+        acc = out["correct"].mean(axis=0) / len(data[3])
         print(
-            f"[{i + 1}/{len(configs)}] batch {config.batch_size:>3}, {config.epochs:>2} epochs:"
-            f" {out['wall_s']:5.1f} s; final raw {acc[0]:.4f}, best EMA {acc[1:].max():.4f}"
-            f" (elapsed {time.perf_counter() - start:.0f} s)",
+            f"[{setting_name} {i + 1}/{len(configs)}] batch {config.batch_size:>3},"
+            f" {config.epochs:>2} epochs: {out['wall_s']:5.1f} s; final raw {acc[0]:.4f},"
+            f" best EMA {acc[1:].max():.4f} (elapsed {time.perf_counter() - start:.0f} s)",
             flush=True,
         )
         runs.append(
@@ -116,28 +118,42 @@ def sweep(quick: bool) -> dict[str, Any]:
                 "wall_s": round(out["wall_s"], 2),
                 "names": out["names"],
                 "half_life_fraction": out["half_life_fraction"],
-                # Correct test predictions, (seed, epoch, column); column 0: raw weights.
-                "correct": out["correct"].tolist(),
+                # After the last epoch, (seed, column); column 0: the raw weights.
+                "correct": out["correct"].tolist(),  # correct test predictions
+                "nll": [[round(v, 6) for v in row] for row in out["nll"].tolist()],
             }
         )
     meta = {
         "task": "scikit-learn digits, 8x8, fixed stratified 75/25 split",
-        "model": "2 conv (16, 32 channels) + GroupNorm(4) + ReLU, global mean pool, dense 10",
+        "setting": setting_name,
+        "setting_title": setting.title,
+        "model": f"2 conv (16, 32 channels) + {norm} + ReLU, global mean pool, dense 10",
+        "norm": setting.norm,
+        "precise_batch_stats": setting.norm == "batch",
+        "lr_policy": setting.lr_policy,
+        "nesterov": setting.nesterov,
         "quick": quick,
         "batch_sizes": list(batch_sizes),
         "epochs": list(epochs),
         "seeds": seeds,
-        "ema_alphas": ema_alphas,
-        "decays": decays,
+        "families": [
+            {
+                "name": f.name,
+                "label": f.label,
+                "grid": list(families.grid(f, quick)),
+                "log_scale": f.log_scale,
+            }
+            for f in families.FAMILIES
+        ],
         "averages_per_run": len(runs[0]["names"]),
         "update_period": train.UPDATE_PERIOD,
-        "base_lr": BASE_LR,
+        "base_lr": setting.base_lr,
         "reference_batch": train.REFERENCE_BATCH,
         "lr_scaling": "linear",
         "warmup_epochs": train.WARMUP_EPOCHS,
         "warmup_factor": train.WARMUP_FACTOR,
         "momentum": train.MOMENTUM,
-        "weight_decay": WEIGHT_DECAY,
+        "weight_decay": train.WEIGHT_DECAY,
         "train_size": len(data[0]),
         "test_size": len(data[3]),
         "wall_s": round(time.perf_counter() - start, 1),
@@ -146,9 +162,7 @@ def sweep(quick: bool) -> dict[str, Any]:
         "machine": f"{os.cpu_count()} CPU cores ({platform.machine()})",
         "versions": {"jax": jax.__version__, "python": platform.python_version()},
     }
-    result = {"meta": meta, "runs": runs}
-    result["summary"] = report.analyze(result)
-    return result
+    return {"meta": meta, "runs": runs}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -163,10 +177,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         DOC.write_text(new, encoding="utf-8")
         return 0
+    settings = args.setting or list(SETTINGS)
     if args.summarize:
-        result = load_results()
-        result["summary"] = report.analyze(result)
-        write_results(result, RESULTS)
+        for name in settings:
+            result = json.loads(json_path(name).read_text(encoding="utf-8"))
+            result["summary"] = report.analyze(result)
+            write_results(result, RESULTS)
         return 0
     out = (
         pathlib.Path(args.out)
@@ -174,18 +190,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         else (ROOT / "workdir" / "invariance-quick" if args.quick else RESULTS)
     )
     out.mkdir(parents=True, exist_ok=True)
-    result = sweep(args.quick)
-    write_results(result, out)
-    print(doc.headline(result))
+    for name in settings:
+        result = sweep(name, args.quick)
+        raw = json_path(name, out).with_suffix(".raw.json")  # kept until the summary is in
+        raw.write_text(json.dumps(result, separators=(",", ":")) + "\n", encoding="utf-8")
+        result["summary"] = report.analyze(result)
+        write_results(result, out)
+        raw.unlink()
+        print(doc.headline_of(result))
     return 0
 
 
 def write_results(result: dict[str, Any], out: pathlib.Path) -> None:
     """The JSON (compact: most of it is the counts) and the plot."""
-    json_path = out / "invariance.json"
-    json_path.write_text(json.dumps(result, separators=(",", ":")) + "\n", encoding="utf-8")
-    report.plot(result, str(out / "invariance.png"))
-    print(f"wrote {json_path} and {out / 'invariance.png'} ({result['meta']['wall_s']} s)")
+    name = result["meta"]["setting"]
+    path = json_path(name, out)
+    path.write_text(json.dumps(result, separators=(",", ":")) + "\n", encoding="utf-8")
+    report.plot(result, str(out / f"invariance_{name}.png"))
+    print(f"wrote {path} and invariance_{name}.png ({result['meta']['wall_s']} s)")
 
 
 if __name__ == "__main__":

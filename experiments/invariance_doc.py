@@ -1,33 +1,39 @@
-"""docs/invariance.md's generated blocks, written from the sweep's JSON summary.
+"""docs/invariance.md's generated blocks, written from the sweeps' JSON summaries.
 
 ``python experiments/invariance.py --write-doc`` fills the doc between
 ``<!-- BEGIN GENERATED: name -->`` and ``<!-- END GENERATED: name -->``;
-``tests/test_invariance_doc.py`` checks that the doc holds them verbatim.
+``tests/test_invariance_doc.py`` checks that the doc holds them verbatim. ``data`` is
+``{setting: that setting's JSON}`` (``invariance.load_results``); the theory's
+comparison reads ``experiments/results/nqm.json``.
 """
 
 from __future__ import annotations
 
+import json
+import pathlib
 import re
 from collections.abc import Mapping
 from typing import Any
 
-from invariance_report import FAMILIES
-from invariance_report import LABEL
-from invariance_report import METRICS
-
 Data = Mapping[str, Any]
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+NQM_JSON = ROOT / "experiments" / "results" / "nqm.json"
+# The NQM's policy keys that match each setting's learning rate (20 modes: noise at the end).
+NQM_POLICY = {"bn_cos": "cos lr, 20 modes", "gn_const": "constant lr, 20 modes"}
+NQM_NAME = {"linear": "pycls", "exact": "pycls_exact"}  # the NQM's names where they differ
+SHORT = {"bn_cos": "BatchNorm, cosine", "gn_const": "GroupNorm, constant"}
 
 
-def _pct(v: float | None) -> str:
-    """Percentage points to two decimals; a mean that rounds to zero is 0.00, not -0.00."""
+def _pct(v: float | None, digits: int = 2) -> str:
+    """A loss to ``digits`` decimals; one that rounds to zero is 0.00, not -0.00."""
     if v is None:
         return "n/a"
-    text = f"{v:.2f}"
-    return "0.00" if text == "-0.00" else text
+    text = f"{v:.{digits}f}"
+    return text.replace("-", "") if float(text) == 0 else text
 
 
-def _setting(family: str, v: float) -> str:
-    return f"{v:.5g}" if family == "constant" else f"{v:.3g}"
+def _setting(v: float) -> str:
+    return f"{v:.3g}"
 
 
 def _where(s: Data, c: int) -> str:
@@ -35,210 +41,177 @@ def _where(s: Data, c: int) -> str:
     return f"batch {cfg['batch_size']}, {cfg['epochs']} epochs"
 
 
-def holds(data: Data) -> bool:
-    """The verdict: one global ``ema_alpha`` lost less than one global decay, on every count.
-
-    On average, at worst and, with more than one seed, on held-out seeds (final accuracy).
-    """
-    lin, con = data["summary"]["final"]["linear"], data["summary"]["final"]["constant"]
-    ok = lin["loss_mean"] < con["loss_mean"] and lin["loss_max"] < con["loss_max"]
-    if lin["held_out_loss"] is not None:
-        ok = ok and lin["held_out_loss"] < con["held_out_loss"]
-    return ok
+def _families(data: Data) -> list[dict[str, Any]]:
+    return data["meta"]["families"]
 
 
-def headline(data: Data) -> str:
-    """The result in one sentence (final test accuracy)."""
-    s, meta = data["summary"], data["meta"]
-    lin, con = s["final"]["linear"], s["final"]["constant"]
-    n, m = meta["batch_sizes"], meta["epochs"]
-    verdict = "the claim held" if holds(data) else "the claim did not hold"
-    return (
-        f"**On the digits CNN {verdict}:** across {len(s['configs'])} configurations (batch"
-        f" {min(n)} to {max(n)}, {min(m)} to {max(m)} epochs, {_seeds(len(meta['seeds']))}),"
-        f" one `ema_alpha` ({_setting('linear', lin['global_setting'])}) lost"
-        f" {_pct(lin['loss_mean'])} points of final test accuracy on average against each"
-        f" configuration's best `ema_alpha` and at most {_pct(lin['loss_max'])} (at"
-        f" {_where(s, lin['loss_argmax'])}), while one fixed per-step decay"
-        f" ({_setting('constant', con['global_setting'])}) lost {_pct(con['loss_mean'])} on"
-        f" average and up to {_pct(con['loss_max'])} (at {_where(s, con['loss_argmax'])})."
+def _rank(f: Data) -> float:
+    return f["loss_mean"] if f["held_out_loss"] is None else f["held_out_loss"]
+
+
+def headline(data: Mapping[str, Data]) -> str:
+    """The answer, one bullet per setting (final test accuracy, held out over seeds)."""
+    lines = ["**One setting per family, chosen once and kept across batch sizes and lengths:**", ""]
+    for d in data.values():
+        a = d["summary"]["accuracy"]
+        order = a["ranking"]
+        first, second, last = a[order[0]], a[order[1]], a[order[-1]]
+        gain = max(a["ema_gain"])
+        how = "on average (one seed)" if first["held_out_loss"] is None else "held out"
+        lines.append(
+            f"- {d['meta']['setting_title']}: the most invariant family is **{order[0]}**"
+            f" ({how} it lost {_pct(_rank(first))} points of final test accuracy against"
+            f" each configuration's best setting; {order[1]} {_pct(_rank(second))}), the least"
+            f" {order[-1]} ({_pct(_rank(last))}). The best average of any family beat the raw"
+            f" weights by at most {_pct(gain)} points."
+        )
+    return "\n".join(lines)
+
+
+def verdict(data: Mapping[str, Data]) -> str:
+    """Every family in both settings: held-out, mean and worst loss (accuracy points)."""
+    names = list(data)
+    head = "| family | knob |" + "".join(f" {SHORT[n]}: held out | mean | worst |" for n in names)
+    lines = [head, "|---|---|" + "---:|---:|---:|" * len(names)]
+    for f in _families(data[names[0]]):
+        cells = []
+        for n in names:
+            s = data[n]["summary"]["accuracy"][f["name"]]
+            losses = (s["held_out_loss"], s["loss_mean"], s["loss_max"])
+            cells.append("".join(f" {_pct(v)} |" for v in losses))
+        lines.append(f"| {f['name']} | {f['label']} |" + "".join(cells))
+    return "\n".join(lines)
+
+
+def theory(data: Mapping[str, Data], nqm: Data) -> str:
+    """Each family's rank in the digits sweeps next to the noisy quadratic model's."""
+    names = list(data)
+    head = "| family |" + "".join(
+        f" {SHORT[n]}: digits rank | NQM ({NQM_POLICY[n]}) rank | NQM held out |" for n in names
     )
+    lines = [head, "|---|" + "---:|---:|---:|" * len(names)]
+    for f in _families(data[names[0]]):
+        cells = []
+        for n in names:
+            digits_rank = data[n]["summary"]["accuracy"]["ranking"].index(f["name"]) + 1
+            summary = nqm["summary"][NQM_POLICY[n]]
+            key = NQM_NAME.get(f["name"], f["name"])
+            if key in summary["ranking"]:
+                rank = str(summary["ranking"].index(key) + 1)
+                held = f"+{summary['families'][key]['held_out_excess']:.1%}"
+            else:
+                rank, held = "not modelled", ""
+            cells.append(f" {digits_rank} | {rank} | {held} |")
+        lines.append(f"| {f['name']} |" + "".join(cells))
+    return "\n".join(lines)
 
 
-def _seeds(count: int) -> str:
-    return "one seed" if count == 1 else f"{count} seeds each"
-
-
-def _spread(values: list[float]) -> tuple[float, float, float]:
-    lo, hi = min(values), max(values)
-    return lo, hi, hi / lo
-
-
-def findings(data: Data) -> str:
-    """What the tables say, as bullets computed from them."""
-    s = data["summary"]
-    lin, exa, con = (s["final"][f] for f in FAMILIES)
-    a_lo, a_hi, a_ratio = _spread(lin["best_setting"])
-    d_lo, d_hi, d_ratio = _spread([1.0 - d for d in con["best_setting"]])
-    h_lin = _spread(lin["best_half_life_fraction"])
-    h_con = _spread(con["best_half_life_fraction"])
-    g_con = _spread(con["global_half_life_fraction"])
-    worst = lin["loss_argmax"]
-    raw_std = s["final"]["raw_std"]
-    widest = max(range(len(raw_std)), key=raw_std.__getitem__)
-    x_max = max(s["x_at_global_linear"])
-    best = s["best"]
-    return "\n".join(
-        [
-            f"- The best `ema_alpha` moved by a factor of {a_ratio:.3g} over the configurations"
-            f" ({_setting('linear', a_lo)} to {_setting('linear', a_hi)}); the best decay's"
-            f" `1 - decay` by a factor of {d_ratio:.3g} ({d_lo:.3g} to {d_hi:.3g}).",
-            f"- At the best settings the half-life was {h_lin[0]:.1%} to {h_lin[1]:.1%} of"
-            f" training under pycls's rule and {h_con[0]:.1%} to {h_con[1]:.1%} with a fixed"
-            f" decay; the one global decay's half-life ranged over {g_con[0]:.1%} to"
-            f" {g_con[1]:.1%} of training.",
-            f"- Tuned per configuration on all seeds but one and tested on the left-out seed,"
-            f" the per-configuration best beat the global setting by"
-            f" {_pct(lin['held_out_loss'])} points for `ema_alpha` and"
-            f" {_pct(con['held_out_loss'])} for the decay (negative: the global setting did"
-            " better).",
-            f"- One `ema_alpha` lost most at {_where(s, worst)}, where the best `ema_alpha` was"
-            f" {_setting('linear', lin['best_setting'][worst])} (half-life"
-            f" {lin['best_half_life_fraction'][worst]:.1%} of training); the raw weights'"
-            f" final accuracy spread over seeds (standard deviation) was widest at"
-            f" {_where(s, widest)}, {_pct(raw_std[widest])} points.",
-            f"- At the global `ema_alpha`, `x = ema_alpha*n*k/m` was at most {x_max:.3g}, and"
-            f" the exact rule's loss was {_pct(exa['loss_mean'])} on average and at most"
-            f" {_pct(exa['loss_max'])}, against the linear rule's {_pct(lin['loss_mean'])} and"
-            f" {_pct(lin['loss_max'])}.",
-            f"- Best accuracy over epochs instead of final: one `ema_alpha`"
-            f" ({_setting('linear', best['linear']['global_setting'])}) lost"
-            f" {_pct(best['linear']['loss_mean'])} on average and at most"
-            f" {_pct(best['linear']['loss_max'])}; one decay"
-            f" ({_setting('constant', best['constant']['global_setting'])})"
-            f" {_pct(best['constant']['loss_mean'])} and {_pct(best['constant']['loss_max'])}.",
-        ]
-    )
-
-
-def setup(data: Data) -> str:
-    meta = data["meta"]
+def setup(d: Data) -> str:
+    meta = d["meta"]
 
     def join(xs: Any) -> str:
         return ", ".join(str(x) for x in xs)
 
+    lr = (
+        "pycls's per-epoch cosine (`lr_fun_cos`, down to 0), its first epoch at"
+        f" {meta['warmup_factor']:g}x (`WARMUP_FACTOR`, `WARMUP_EPOCHS` 1)"
+        if meta["lr_policy"] == "cos"
+        else f"a linear warmup over {meta['warmup_epochs']} epoch from"
+        f" {meta['warmup_factor']:g}x, then constant"
+    )
+    norm = (
+        "BatchNorm; the raw weights and every average are evaluated with pycls's precise"
+        " statistics (`ema_jax.precise_batch_stats` over the whole training set in batches"
+        " of the run's size)"
+        if meta["precise_batch_stats"]
+        else "GroupNorm (no statistics to recompute)"
+    )
+    grids = "; ".join(
+        f"{f['name']} ({len(f['grid'])}): {_setting(f['grid'][0])} to {_setting(f['grid'][-1])}"
+        for f in meta["families"]
+    )
     return "\n".join(
         [
             f"- task: {meta['task']}; {meta['train_size']} training and {meta['test_size']}"
             f" test images (one test image is {100 / meta['test_size']:.2f} points)",
-            f"- model: {meta['model']}",
+            f"- model: {meta['model']}; {norm}",
             f"- batch sizes: {join(meta['batch_sizes'])}; schedule lengths (epochs):"
             f" {join(meta['epochs'])}; seeds: {join(meta['seeds'])}",
             f"- learning rate {meta['base_lr']:g} x batch / {meta['reference_batch']}"
-            f" ({meta['lr_scaling']} scaling), {meta['warmup_epochs']} warmup epoch from"
-            f" {meta['warmup_factor']:g}x of it, then constant; SGD with momentum"
-            f" {meta['momentum']:g}, weight decay {meta['weight_decay']:g}",
-            f"- `ema_alpha` ({len(meta['ema_alphas'])} values, each with `rule='linear'` and"
-            f" `rule='exact'`): {join(f'{a:.3g}' for a in meta['ema_alphas'])}",
-            f"- decay ({len(meta['decays'])} values, `schedules.constant`, per step):"
-            f" {join(f'{d:.5g}' for d in meta['decays'])}",
-            f"- `update_period` {meta['update_period']}; steps per epoch: training images //"
-            f" batch; {meta['averages_per_run']} averages per run in one `ema_jax.ema`",
-            f"- sweep wall time {meta['wall_s'] / 60:.1f} min on {meta['machine']}, shared"
-            f" (load average {meta['load_average_start'][0]:.1f} at the start,"
+            f" ({meta['lr_scaling']} scaling): {lr}; SGD with momentum {meta['momentum']:g}"
+            f"{' (Nesterov)' if meta['nesterov'] else ''}, weight decay {meta['weight_decay']:g}",
+            f"- grids ({meta['averages_per_run']} averages per run, every step"
+            f" (`update_period` {meta['update_period']})): {grids}",
+            f"- wall time {meta['wall_s'] / 60:.1f} min on {meta['machine']}, shared (load"
+            f" average {meta['load_average_start'][0]:.1f} at the start,"
             f" {meta['load_average_end'][0]:.1f} at the end); jax {meta['versions']['jax']}",
         ]
     )
 
 
-def loss_table(data: Data) -> str:
-    s = data["summary"]
+def family_table(d: Data) -> str:
+    """Per family: its global setting, its losses (accuracy and cross-entropy), the edges."""
+    s = d["summary"]
     lines = [
-        "| metric | family | global setting | mean loss | max loss | where | held-out loss |",
-        "|---|---|---:|---:|---:|---|---:|",
+        "| family | global setting | mean loss | worst loss | where | held out"
+        " | cross-entropy held out (nats) | best at the grid's edge |",
+        "|---|---:|---:|---:|---|---:|---:|---:|",
     ]
-    for metric in METRICS:
-        for family in FAMILIES:
-            f = s[metric][family]
-            lines.append(
-                f"| {metric} | {LABEL[family]} | {_setting(family, f['global_setting'])}"
-                f" | {_pct(f['loss_mean'])} | {_pct(f['loss_max'])}"
-                f" | {_where(s, f['loss_argmax'])} | {_pct(f['held_out_loss'])} |"
-            )
+    for f in _families(d):
+        a, n = s["accuracy"][f["name"]], s["nll"][f["name"]]
+        lines.append(
+            f"| {f['name']} | {_setting(a['global_setting'])} | {_pct(a['loss_mean'])}"
+            f" | {_pct(a['loss_max'])} | {_where(s, a['loss_argmax'])}"
+            f" | {_pct(a['held_out_loss'])} | {_pct(n['held_out_loss'], 4)}"
+            f" | {a['best_at_edge']} of {len(s['configs'])} |"
+        )
     return "\n".join(lines)
 
 
-def axis_table(data: Data) -> str:
-    """Mean loss of the global settings per batch size and per schedule length."""
-    s, meta = data["summary"], data["meta"]
-    lines = [
-        "| | `ema_alpha` (pycls) | `ema_alpha`, exact | decay |",
-        "|---|---:|---:|---:|",
-    ]
-    for axis, key, unit in (("batch_size", "batch_sizes", "batch"), ("epochs", "epochs", "")):
+def axis_table(d: Data) -> str:
+    """Mean loss of each family's global setting per batch size and per schedule length."""
+    s, meta = d["summary"]["accuracy"], d["meta"]
+    families = [f["name"] for f in _families(d)]
+    lines = ["| | " + " | ".join(families) + " |", "|---|" + "---:|" * len(families)]
+    for axis, key in (("batch_size", "batch_sizes"), ("epochs", "epochs")):
         for i, v in enumerate(meta[key]):
-            label = f"batch {v}" if unit else f"{v} epochs"
-            losses = [s["by_axis"]["final"][f][axis][i] for f in FAMILIES]
+            label = f"batch {v}" if axis == "batch_size" else f"{v} epochs"
+            losses = [s[f]["by_axis"][axis][i] for f in families]
             lines.append(f"| {label} | " + " | ".join(_pct(x) for x in losses) + " |")
     return "\n".join(lines)
 
 
-def config_table(data: Data, metric: str) -> str:
-    s = data["summary"]
-    out = s[metric]
-    lin, exa, con = (out[f] for f in FAMILIES)
+def config_table(d: Data) -> str:
+    """Per configuration: the raw weights, the best average, and each family's best half-life."""
+    s = d["summary"]["accuracy"]
+    families = [f["name"] for f in _families(d)]
     lines = [
-        "| batch | epochs | raw | best `ema_alpha` | its acc | at global | loss"
-        " | best decay | its acc | at global | loss | exact: best | loss |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| batch | epochs | raw | best average: gain | "
+        + " | ".join(f"{f}: best half-life" for f in families)
+        + " |",
+        "|---:|---:|---:|---:|" + "---:|" * len(families),
     ]
-    for c, cfg in enumerate(s["configs"]):
+    for c, cfg in enumerate(d["summary"]["configs"]):
+        cells = []
+        for f in families:
+            h = s[f]["best_half_life_fraction"][c]
+            cells.append("n/a" if h is None else f"{h:.1%}")
         lines.append(
             f"| {cfg['batch_size']} | {cfg['epochs']}"
-            f" | {_pct(out['raw_mean'][c])} ± {_pct(out['raw_std'][c])}"
-            f" | {_setting('linear', lin['best_setting'][c])}"
-            f" | {_pct(lin['best_mean'][c])} ± {_pct(lin['best_std'][c])}"
-            f" | {_pct(lin['global_mean'][c])}"
-            f" | {_pct(lin['loss'][c])} ± {_pct(lin['loss_se'][c])}"
-            f" | {_setting('constant', con['best_setting'][c])}"
-            f" | {_pct(con['best_mean'][c])} ± {_pct(con['best_std'][c])}"
-            f" | {_pct(con['global_mean'][c])}"
-            f" | {_pct(con['loss'][c])} ± {_pct(con['loss_se'][c])}"
-            f" | {_setting('exact', exa['best_setting'][c])} | {_pct(exa['loss'][c])} |"
+            f" | {_pct(s['raw_mean'][c])} ± {_pct(s['raw_std'][c])}"
+            f" | +{_pct(s['ema_gain'][c])} | " + " | ".join(cells) + " |"
         )
     return "\n".join(lines)
 
 
-def half_life_table(data: Data) -> str:
-    s = data["summary"]
-    lin, con = s["final"]["linear"], s["final"]["constant"]
-    lines = [
-        "| batch | epochs | best `ema_alpha` | its half-life | at global | best decay"
-        " | its half-life | at global | x at global `ema_alpha` |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for c, cfg in enumerate(s["configs"]):
-        lines.append(
-            f"| {cfg['batch_size']} | {cfg['epochs']}"
-            f" | {_setting('linear', lin['best_setting'][c])}"
-            f" | {lin['best_half_life_fraction'][c]:.2%}"
-            f" | {lin['global_half_life_fraction'][c]:.2%}"
-            f" | {_setting('constant', con['best_setting'][c])}"
-            f" | {con['best_half_life_fraction'][c]:.2%}"
-            f" | {con['global_half_life_fraction'][c]:.2%}"
-            f" | {s['x_at_global_linear'][c]:.3g} |"
-        )
-    return "\n".join(lines)
-
-
-def exact_table(data: Data) -> str:
+def exact_table(d: Data) -> str:
     """Linear vs exact rule by x, over every (configuration, ema_alpha) pair."""
     lines = [
         "| x = `ema_alpha*n*k/m` | pairs | linear alpha above exact | exact minus linear"
         " accuracy, mean | min | max |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    for b in data["summary"]["linear_vs_exact"]:
+    for b in d["summary"]["linear_vs_exact"]:
         span = (
             f"{b['x_from']:g} to {b['x_to']:g}" if b["x_to"] is not None else f">= {b['x_from']:g}"
         )
@@ -254,19 +227,45 @@ def exact_table(data: Data) -> str:
     return "\n".join(lines)
 
 
-def blocks(data: Data) -> dict[str, str]:
+def findings(d: Data) -> str:
+    """Where each family breaks: its worst axis value, as bullets computed from the tables."""
+    s, meta = d["summary"]["accuracy"], d["meta"]
+    lines = []
+    for f in _families(d):
+        fam = s[f["name"]]
+        by = fam["by_axis"]
+        b = max(range(len(meta["batch_sizes"])), key=by["batch_size"].__getitem__)
+        e = max(range(len(meta["epochs"])), key=by["epochs"].__getitem__)
+        best = [_setting(v) for v in fam["best_setting"]]
+        lines.append(
+            f"- **{f['name']}**: best settings {min(fam['best_setting']):.3g} to"
+            f" {max(fam['best_setting']):.3g} over the configurations (global"
+            f" {_setting(fam['global_setting'])}, {len(set(best))} distinct); its global"
+            f" setting lost most at batch {meta['batch_sizes'][b]}"
+            f" ({_pct(by['batch_size'][b])} on average there) and at"
+            f" {meta['epochs'][e]} epochs ({_pct(by['epochs'][e])})."
+        )
+    return "\n".join(lines)
+
+
+def blocks(data: Mapping[str, Data], nqm: Data | None = None) -> dict[str, str]:
     """The generated blocks of ``docs/invariance.md``, by name."""
-    return {
-        "headline": headline(data),
-        "setup": setup(data),
-        "findings": findings(data),
-        "losses": loss_table(data),
-        "by_axis": axis_table(data),
-        "final": config_table(data, "final"),
-        "best": config_table(data, "best"),
-        "half_life": half_life_table(data),
-        "exact": exact_table(data),
-    }
+    if nqm is None:
+        nqm = json.loads(NQM_JSON.read_text(encoding="utf-8"))
+    out = {"headline": headline(data), "verdict": verdict(data), "theory": theory(data, nqm)}
+    for name, d in data.items():
+        out[f"setup_{name}"] = setup(d)
+        out[f"families_{name}"] = family_table(d)
+        out[f"by_axis_{name}"] = axis_table(d)
+        out[f"configs_{name}"] = config_table(d)
+        out[f"findings_{name}"] = findings(d)
+        out[f"exact_{name}"] = exact_table(d)
+    return out
+
+
+def headline_of(d: Data) -> str:
+    """One setting's result in a line (printed after a sweep)."""
+    return headline({d["meta"]["setting"]: d})
 
 
 BLOCK = re.compile(r"(<!-- BEGIN GENERATED: (\S+) -->\n).*?(\n<!-- END GENERATED: \2 -->)", re.S)

@@ -1,21 +1,22 @@
 """The invariance sweep's analysis and plot, from its JSON (``invariance_doc.py``: the doc).
 
 NumPy only (and matplotlib for the plot): ``tests/test_invariance_doc.py`` imports it to
-check, without training, that the JSON's summary is what its raw counts give.
+check, without training, that each JSON's summary is what its raw numbers give.
 
 Definitions (``docs/invariance.md`` states them too):
 
-- A *family* is a way to set the EMA: ``linear`` (pycls's rule, one ``ema_alpha`` for
-  every configuration), ``exact`` (the same with ``rule="exact"``), ``constant`` (a
-  fixed per-step decay).
-- For a metric (``final``: test accuracy after the last epoch; ``best``: the highest
-  over the epochs), ``mean[c][s]`` is its mean over seeds in configuration ``c`` at
-  setting ``s`` of the family.
-- The *best* setting of ``c`` maximises ``mean[c][s]``; the *global* setting maximises
-  the average of ``mean[c][s]`` over configurations; the *loss* of ``c`` is
-  ``mean[c][best] - mean[c][global]``, in percentage points.
+- A *family* is a way to set the EMA once (``meta["families"]``: pycls's ``ema_alpha``,
+  a fixed decay, EDM2's ``sigma_rel``, ...); a *setting* is one value of its knob.
+- A *metric* is read after the last epoch: ``accuracy`` (test accuracy, %, higher is
+  better) or ``nll`` (mean test cross-entropy, nats, lower is better). ``mean[c][s]``
+  is its mean over seeds in configuration ``c`` at setting ``s``.
+- The *best* setting of ``c`` is the one with the best ``mean[c][s]``; the *global*
+  setting has the best average of ``mean[c][s]`` over configurations; the *loss* of
+  ``c`` is how much worse the global setting is than the best, in the metric's units
+  (points of accuracy, nats), never negative.
 - The *held-out loss* is the same difference with both settings chosen on all seeds
-  but one and measured on that one, averaged over the left-out seed: no selection bias.
+  but one and measured on that one, averaged over the left-out seed: no selection bias
+  (it can be negative).
 """
 
 from __future__ import annotations
@@ -27,26 +28,24 @@ from typing import Any
 
 import numpy as np
 
-FAMILIES = ("linear", "exact", "constant")
-METRICS = ("final", "best")
-LABEL = {"linear": "ema_alpha (pycls)", "exact": "ema_alpha, exact", "constant": "decay"}
+METRICS = ("accuracy", "nll")
+UNITS = {"accuracy": "points", "nll": "nats"}
 
 
-def family_columns(meta: Mapping[str, Any]) -> dict[str, tuple[list[float], slice]]:
-    """Each family's grid and its columns in ``correct`` (column 0 is the raw weights)."""
-    a, d = len(meta["ema_alphas"]), len(meta["decays"])
-    return {
-        "linear": (meta["ema_alphas"], slice(1, 1 + a)),
-        "exact": (meta["ema_alphas"], slice(1 + a, 1 + 2 * a)),
-        "constant": (meta["decays"], slice(1 + 2 * a, 1 + 2 * a + d)),
-    }
+def family_columns(meta: Mapping[str, Any], names: list[str]) -> dict[str, list[int]]:
+    """Each family's columns in a run's ``correct``/``nll`` (column 0 is the raw weights)."""
+    index = {name: i + 1 for i, name in enumerate(names)}
+    return {f["name"]: [index[f"{f['name']}:{v:.6g}"] for v in f["grid"]] for f in meta["families"]}
 
 
 def per_seed(run: Mapping[str, Any], metric: str, test_size: int) -> np.ndarray:
-    """Accuracy (%) per seed and column: after the last epoch, or the best over epochs."""
-    correct = np.asarray(run["correct"], dtype=np.float64)  # (seed, epoch, column)
-    acc = 100.0 * correct / test_size
-    return acc[:, -1, :] if metric == "final" else acc.max(axis=1)
+    """The metric per seed and column, signed so that higher is better.
+
+    Accuracy in %, and the negated cross-entropy (so every argmax picks the best).
+    """
+    if metric == "accuracy":
+        return 100.0 * np.asarray(run["correct"], dtype=np.float64) / test_size
+    return -np.asarray(run["nll"], dtype=np.float64)
 
 
 def _held_out_loss(acc: np.ndarray) -> float | None:
@@ -67,79 +66,88 @@ def _held_out_loss(acc: np.ndarray) -> float | None:
     return float(np.mean(losses))
 
 
+def _by_axis(loss: np.ndarray, configs: list[dict[str, int]], meta: Mapping[str, Any]) -> Any:
+    """Mean loss per batch size and per schedule length."""
+    return {
+        axis: [
+            float(np.mean([v for v, c in zip(loss, configs, strict=True) if c[axis] == k]))
+            for k in meta[key]
+        ]
+        for axis, key in (("batch_size", "batch_sizes"), ("epochs", "epochs"))
+    }
+
+
+def _family(
+    acc: np.ndarray, grid: list[float], hl: list[list[float | None]], sign: float
+) -> dict[str, Any]:
+    """One family's summary; ``acc`` (config, seed, setting), higher is better."""
+    mean, std = acc.mean(axis=1), acc.std(axis=1)
+    best = mean.argmax(axis=1)
+    glob = int(mean.mean(axis=0).argmax())
+    rows = np.arange(len(acc))
+    loss = mean[rows, best] - mean[:, glob]
+    diff = acc[rows, :, best] - acc[:, :, glob]  # paired over seeds
+    seeds = acc.shape[1]
+    se = diff.std(axis=1, ddof=1) / math.sqrt(seeds) if seeds > 1 else diff[:, 0] * 0
+    held = _held_out_loss(acc)
+    last = len(grid) - 1
+    return {
+        "mean": (sign * mean).tolist(),
+        "std": std.tolist(),
+        "best_index": best.tolist(),
+        "best_setting": [grid[i] for i in best],
+        "best_mean": (sign * mean[rows, best]).tolist(),
+        "best_at_edge": int(np.sum((best == 0) | (best == last))),
+        "global_index": glob,
+        "global_setting": grid[glob],
+        "global_mean": (sign * mean[:, glob]).tolist(),
+        "loss": loss.tolist(),
+        "loss_se": se.tolist(),
+        "loss_mean": float(loss.mean()),
+        "loss_max": float(loss.max()),
+        "loss_argmax": int(loss.argmax()),
+        "held_out_loss": held,
+        "best_half_life_fraction": [hl[c][best[c]] for c in rows],
+        "global_half_life_fraction": [hl[c][glob] for c in rows],
+    }
+
+
 def analyze(data: Mapping[str, Any]) -> dict[str, Any]:
     """The summary of a sweep: per metric and family, best and global settings and losses."""
     meta, runs = data["meta"], data["runs"]
     test_size = meta["test_size"]
-    columns = family_columns(meta)
     configs = [{"batch_size": r["batch_size"], "epochs": r["epochs"]} for r in runs]
     summary: dict[str, Any] = {"configs": configs}
     for metric in METRICS:
-        accs = [per_seed(r, metric, test_size) for r in runs]  # (seed, column) each
-        raw = [(float(a[:, 0].mean()), float(a[:, 0].std())) for a in accs]
-        out: dict[str, Any] = {"raw_mean": [m for m, _ in raw], "raw_std": [s for _, s in raw]}
-        for family, (grid, cols) in columns.items():
-            acc = np.stack([a[:, cols] for a in accs])  # (config, seed, setting)
-            mean, std = acc.mean(axis=1), acc.std(axis=1)
-            best = mean.argmax(axis=1)
-            glob = int(mean.mean(axis=0).argmax())
-            rows = np.arange(len(runs))
-            loss = mean[rows, best] - mean[:, glob]
-            diff = acc[rows, :, best] - acc[:, :, glob]  # paired over seeds
-            seeds = acc.shape[1]
-            se = diff.std(axis=1, ddof=1) / math.sqrt(seeds) if seeds > 1 else diff[:, 0] * 0
-            hl = [runs[c]["half_life_fraction"] for c in rows]
-            names = [runs[c]["names"] for c in rows]
-            first = cols.start - 1  # names exclude the raw column
-            out[family] = {
-                "mean": mean.tolist(),
-                "std": std.tolist(),
-                "best_index": best.tolist(),
-                "best_setting": [grid[i] for i in best],
-                "best_mean": mean[rows, best].tolist(),
-                "best_std": std[rows, best].tolist(),
-                "global_index": glob,
-                "global_setting": grid[glob],
-                "global_mean": mean[:, glob].tolist(),
-                "loss": loss.tolist(),
-                "loss_se": se.tolist(),
-                "loss_mean": float(loss.mean()),
-                "loss_max": float(loss.max()),
-                "loss_argmax": int(loss.argmax()),
-                "held_out_loss": _held_out_loss(acc),
-                "best_half_life_fraction": [hl[c][names[c][first + best[c]]] for c in rows],
-                "global_half_life_fraction": [hl[c][names[c][first + glob]] for c in rows],
-            }
+        sign = 1.0 if metric == "accuracy" else -1.0
+        values = [per_seed(r, metric, test_size) for r in runs]  # (seed, column) each
+        out: dict[str, Any] = {
+            "raw_mean": [sign * float(v[:, 0].mean()) for v in values],
+            "raw_std": [float(v[:, 0].std()) for v in values],
+        }
+        best_any = np.full(len(runs), -np.inf)
+        for f in meta["families"]:
+            cols = [family_columns(meta, r["names"])[f["name"]] for r in runs]
+            acc = np.stack([v[:, c] for v, c in zip(values, cols, strict=True)])
+            hl = [
+                [r["half_life_fraction"][r["names"][i - 1]] for i in c]
+                for r, c in zip(runs, cols, strict=True)
+            ]
+            out[f["name"]] = family = _family(acc, f["grid"], hl, sign)
+            family["by_axis"] = _by_axis(np.asarray(family["loss"]), configs, meta)
+            best_any = np.maximum(best_any, sign * np.asarray(family["best_mean"]))
+        raw = sign * np.asarray(out["raw_mean"])
+        out["ema_gain"] = (best_any - raw).tolist()  # the best average of any family vs raw
+        out["ranking"] = sorted((f["name"] for f in meta["families"]), key=lambda k: _rank(out[k]))
         summary[metric] = out
-    x = [
-        summary["final"]["linear"]["global_setting"]
-        * r["batch_size"]
-        * meta["update_period"]
-        / r["epochs"]
-        for r in runs
-    ]
-    summary["x_at_global_linear"] = x
-    summary["by_axis"] = _by_axis(summary, meta)
     summary["linear_vs_exact"] = _linear_vs_exact(summary, meta, runs)
     return summary
 
 
-def _by_axis(summary: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str, Any]:
-    """Mean loss of each family's global setting per batch size and per schedule length."""
-    configs = summary["configs"]
-    out: dict[str, Any] = {}
-    for metric in METRICS:
-        out[metric] = {}
-        for family in FAMILIES:
-            loss = summary[metric][family]["loss"]
-            out[metric][family] = {
-                axis: [
-                    float(np.mean([v for v, c in zip(loss, configs, strict=True) if c[axis] == k]))
-                    for k in meta[key]
-                ]
-                for axis, key in (("batch_size", "batch_sizes"), ("epochs", "epochs"))
-            }
-    return out
+def _rank(family: Mapping[str, Any]) -> float:
+    """A family's place: its held-out loss, or its mean loss with one seed."""
+    held = family["held_out_loss"]
+    return family["loss_mean"] if held is None else held
 
 
 X_BINS = (0.0, 0.02, 0.1, 1.0, math.inf)  # x = ema_alpha*n*k/m; the linear error is about x/2
@@ -149,11 +157,12 @@ def _linear_vs_exact(
     summary: Mapping[str, Any], meta: Mapping[str, Any], runs: list[Any]
 ) -> list[dict[str, Any]]:
     """Exact minus linear mean final accuracy over (configuration, ema_alpha) pairs, by x."""
-    lin, exa = summary["final"]["linear"]["mean"], summary["final"]["exact"]["mean"]
+    lin, exa = summary["accuracy"]["linear"]["mean"], summary["accuracy"]["exact"]["mean"]
+    grid = next(f["grid"] for f in meta["families"] if f["name"] == "linear")
     pairs = []  # (x, linear alpha / exact alpha - 1, exact - linear accuracy)
     for c, run in enumerate(runs):
         n, m, k = run["batch_size"], run["epochs"], meta["update_period"]
-        for i, a in enumerate(meta["ema_alphas"]):
+        for i, a in enumerate(grid):
             x = a * n * k / m
             exact = -math.expm1(n * k * math.log1p(-a / m))
             pairs.append((x, min(1.0, x) / exact - 1.0, exa[c][i] - lin[c][i]))
@@ -191,28 +200,33 @@ def plot(data: Mapping[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    s, meta = data["summary"], data["meta"]
+    s, meta = data["summary"]["accuracy"], data["meta"]
     batches, lengths = meta["batch_sizes"], meta["epochs"]
     colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, len(batches)))
     styles = ["-", "--", ":", "-."]
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8), sharey=True)
-    for row, metric in enumerate(METRICS):
-        for ax, family in zip(axes[row], FAMILIES, strict=True):
-            f = s[metric][family]
-            grid = np.asarray(meta["decays"] if family == "constant" else meta["ema_alphas"])
-            xs = 1.0 - grid if family == "constant" else grid
-            for c, cfg in enumerate(s["configs"]):
-                color = colors[batches.index(cfg["batch_size"])]
-                style = styles[lengths.index(cfg["epochs"]) % len(styles)]
-                ys = np.asarray(f["mean"][c]) - f["best_mean"][c]
-                ax.plot(xs, ys, style, color=color, marker=".", lw=1.2)
-            ax.axvline(xs[f["global_index"]], color="gray", lw=0.8, alpha=0.6)
+    families = meta["families"]
+    cols = 4
+    rows = math.ceil(len(families) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), sharey=True)
+    flat = list(np.ravel(axes))
+    for ax, family in zip(flat, families, strict=False):
+        f = s[family["name"]]
+        xs = np.asarray(family["grid"])
+        for c, cfg in enumerate(data["summary"]["configs"]):
+            color = colors[batches.index(cfg["batch_size"])]
+            style = styles[lengths.index(cfg["epochs"]) % len(styles)]
+            ys = np.asarray(f["mean"][c]) - f["best_mean"][c]
+            ax.plot(xs, ys, style, color=color, marker=".", lw=1.2)
+        ax.axvline(xs[f["global_index"]], color="gray", lw=0.8, alpha=0.6)
+        if family.get("log_scale", True):
             ax.set_xscale("log")
-            xlabel = "1 - decay (per step)" if family == "constant" else LABEL[family]
-            ax.set(xlabel=xlabel, title=f"{metric} test accuracy vs {LABEL[family]}")
-            ax.set_ylim(-4, 0.3)
-            ax.grid(alpha=0.3)
-        axes[row][0].set_ylabel("points below the configuration's best")
+        ax.set(xlabel=family["label"], title=family["name"])
+        ax.set_ylim(-4, 0.3)
+        ax.grid(alpha=0.3)
+    for ax in flat[len(families) :]:
+        ax.axis("off")
+    for r in range(rows):
+        flat[r * cols].set_ylabel("points below the best")
     handles = [
         plt.Line2D([], [], color=colors[i], label=f"batch {n}") for i, n in enumerate(batches)
     ] + [
@@ -221,9 +235,9 @@ def plot(data: Mapping[str, Any], path: str) -> None:
     ]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
     fig.suptitle(
-        "Digits CNN: mean EMA test accuracy over seeds, relative to each configuration's"
-        " best (gray: the global setting)"
+        f"{meta['setting_title']}: final test accuracy over seeds, relative to each"
+        " configuration's best (gray: the global setting)"
     )
     fig.tight_layout(rect=(0, 0.05, 1, 1))
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -403,3 +403,48 @@ def test_bad_input_names_the_problem(what, call, error, text):
     with pytest.raises(error, match=re.escape(text)) as info:
         call()
     assert type(info.value) is error
+
+
+def test_a_checkpoint_of_an_ema_given_the_optimizer_resumes_bit_for_bit(tmp_path):
+    """Save mid-accumulation, restore into fresh objects: the EMA still reads the optimizer's
+    counters (shared, not copied), and the run ends where the uninterrupted one does."""
+    import orbax.checkpoint as ocp
+
+    from ema_jax import nnx as ema_nnx
+
+    def build(seed: int) -> dict[str, Any]:
+        model = nnx.Linear(5, 3, rngs=nnx.Rngs(seed))
+        optimizer = nnx.Optimizer(model, optax.MultiSteps(optax.sgd(LR), K), wrt=nnx.Param)
+        return {
+            "model": model,
+            "optimizer": optimizer,
+            "ema": Ema(model, ACC_EMA, optimizer=optimizer),
+        }
+
+    step = nnx.jit(plain_step, donate_argnums=(0, 1, 2))
+    x, y = accumulation_data()
+    calls = [(x[t % STEPS], y[t % STEPS]) for t in range(14)]
+    whole = build(0)
+    for xb, yb in calls:
+        step(whole["model"], whole["optimizer"], whole["ema"], xb, yb)
+    first = build(0)
+    for xb, yb in calls[:7]:  # 7 calls at k=4: one optimizer step, 3 micro-batches pending
+        step(first["model"], first["optimizer"], first["ema"], xb, yb)
+    handlers = {"item_handlers": ocp.StandardCheckpointHandler()}
+    with ocp.CheckpointManager(tmp_path, **handlers) as m:
+        ema_nnx.save_checkpoint(m, 7, first)
+    resumed = build(1)  # other initial weights, all overwritten
+    with ocp.CheckpointManager(tmp_path, **handlers) as m:
+        assert ema_nnx.restore_checkpoint(m, resumed) == 7
+    assert int(resumed["ema"].ema_state.step) == 1
+    for xb, yb in calls[7:]:
+        step(resumed["model"], resumed["optimizer"], resumed["ema"], xb, yb)
+    assert (
+        int(resumed["optimizer"].step[...]) == 14 and int(resumed["ema"].ema_state.step) == 14 // K
+    )
+    for name in whole:
+        jax.tree.map(
+            np.testing.assert_array_equal,
+            host(nnx.state(resumed[name])),
+            host(nnx.state(whole[name])),
+        )
