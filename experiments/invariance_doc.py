@@ -87,7 +87,8 @@ def theory(data: Mapping[str, Data], nqm: Data) -> str:
     """Each family's rank in the digits sweeps next to the noisy quadratic model's."""
     names = list(data)
     head = "| family |" + "".join(
-        f" {SHORT[n]}: digits rank | NQM ({NQM_POLICY[n]}) rank | NQM held out |" for n in names
+        f" {SHORT[n]}: digits rank | NQM ({NQM_POLICY[n]}) rank | NQM held-out excess loss |"
+        for n in names
     )
     lines = [head, "|---|" + "---:|---:|---:|" * len(names)]
     for f in _families(data[names[0]]):
@@ -120,11 +121,11 @@ def setup(d: Data) -> str:
         f" {meta['warmup_factor']:g}x, then constant"
     )
     norm = (
-        "BatchNorm; the raw weights and every average are evaluated with pycls's precise"
-        " statistics (`ema_jax.precise_batch_stats` over the whole training set in batches"
-        " of the run's size)"
+        "the raw weights and every average are evaluated with pycls's precise statistics"
+        " (`ema_jax.precise_batch_stats` over the whole training set in batches of the"
+        " run's size)"
         if meta["precise_batch_stats"]
-        else "GroupNorm (no statistics to recompute)"
+        else "GroupNorm holds no statistics: every average is evaluated as it is"
     )
     grids = "; ".join(
         f"{f['name']} ({len(f['grid'])}): {_setting(f['grid'][0])} to {_setting(f['grid'][-1])}"
