@@ -29,7 +29,7 @@ from support import sharded
 WORKER = Path(multihost_worker.__file__)
 MEMORY_WORKER = Path(multihost_memory_worker.__file__)
 # The train and restore phases take about 15 s together on 2 free cores, the memory
-# phase about 20 s; one group, so that no two pairs of processes share the cores.
+# phase about 25 s; one group, so that no two pairs of processes share the cores.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multihost")]
 
 
@@ -112,6 +112,7 @@ def test_two_processes_train_save_and_restore_the_same_ema(tmp_path):
 def test_two_processes_keep_a_pinned_host_ema_on_the_host_through_a_checkpoint(tmp_path):
     """Each process checks its own shards (support/multihost_memory_worker.py): the EMA in
     pinned host memory with the parameters' spec, one average and two, through init, 20
-    jitted donated updates, save_checkpoint and a verified restore_checkpoint; bit for
-    bit the on-device EMA; out_shardings that put it on the device raise."""
+    jitted donated updates, save_checkpoint and a verified restore_checkpoint, in
+    post-hoc trackers and their snapshots, and in ema_jax.nnx.Ema; bit for bit the
+    on-device EMA; out_shardings that put it on the device raise."""
     run_phase("memory", tmp_path, worker=MEMORY_WORKER, devices=4)

@@ -13,6 +13,12 @@ parameters are split over all 8 (a 4 x 2 mesh), so each process holds its own sh
   ``ema_jax.save_checkpoint`` to WORKDIR/ckpt (every process writing its shards) and
   restored with ``ema_jax.restore_checkpoint`` (verified) into a target of other values:
   the EMA comes back in pinned host memory, with the values saved.
+- ``posthoc.trackers`` in pinned host memory: bit for bit the on-device trackers; the
+  ``posthoc.Snapshots`` both processes write reconstruct a tracked width whole.
+- ``ema_jax.nnx.Ema`` of a model split over both processes: the same placement, and
+  bit for bit the on-device ``Ema``.
+- The pitfall: out_shardings that forget the memory kind put the EMA on the device,
+  and the update raises rather than keep it there.
 
 Any failed check raises, so the process exits non-zero.
 """
@@ -30,11 +36,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import ema_jax
+from ema_jax import posthoc
 from ema_jax import schedules
+from ema_jax.nnx import Ema
 from support import memory_worker
 from support import sharded
 
@@ -122,10 +131,18 @@ def assert_same_shards(a: jax.Array, b: jax.Array, path: str) -> None:
         np.testing.assert_array_equal(np.asarray(x.data), np.asarray(y.data), err_msg=path)
 
 
-def host_and_device_runs(name: str, mesh: jax.sharding.Mesh) -> None:
+def host_and_device_runs(
+    host: Any,
+    dev: Any,
+    mesh: jax.sharding.Mesh,
+    steps: int,
+    after: Callable[[Any], None] = lambda state: None,
+) -> Any:
+    """Both EMAs from the same parameters through ``steps`` jitted, donated updates (one
+    program for the pair: one compilation), the host one's placement checked after
+    ``init`` and after each update, then ``after(its state)``; returns the host state
+    once its shards are checked equal to the device one's."""
     params = global_params(mesh, VALUES)
-    host = ema_jax.ema(memory_worker.SCHEDULES[name], memory_kind="pinned_host")
-    dev = ema_jax.ema(memory_worker.SCHEDULES[name])
     sh, sd = host.init(params), dev.init(params)
 
     def check_placement(state: Any) -> None:
@@ -134,16 +151,24 @@ def host_and_device_runs(name: str, mesh: jax.sharding.Mesh) -> None:
             assert_own_shards(e, params[k], k)
 
     check_placement(sh)
-    update_h = jax.jit(host.update, donate_argnums=1)
-    update_d = jax.jit(dev.update, donate_argnums=1)
-    for i in range(STEPS):
-        p = global_params(mesh, numpy_trajectory(VALUES, i))
-        sh, sd = update_h(p, sh), update_d(p, sd)
+    update = jax.jit(lambda p, a, b: (host.update(p, a), dev.update(p, b)), donate_argnums=(1, 2))
+    for i in range(steps):
+        sh, sd = update(global_params(mesh, numpy_trajectory(VALUES, i)), sh, sd)
         check_placement(sh)
-    assert int(sh.step) == STEPS
-    want = numpy_ema(name)
+        after(sh)
+    assert int(sh.step) == steps
     for k in VALUES:
         assert_same_shards(sh.ema[k], sd.ema[k], k)
+    return sh
+
+
+def averages(name: str, mesh: jax.sharding.Mesh) -> None:
+    """One schedule or two (memory_worker.SCHEDULES[name]) on the host and on the device."""
+    schedule = memory_worker.SCHEDULES[name]
+    host = ema_jax.ema(schedule, memory_kind="pinned_host")
+    sh = host_and_device_runs(host, ema_jax.ema(schedule), mesh, STEPS)
+    want = numpy_ema(name)
+    for k in VALUES:
         for s in sh.ema[k].addressable_shards:
             got, ref = np.asarray(s.data), want[k][s.index]
             # float32 rounding of STEPS updates of values below 2 (support.fp32_tolerance)
@@ -151,11 +176,69 @@ def host_and_device_runs(name: str, mesh: jax.sharding.Mesh) -> None:
 
 
 def one_average(mesh: jax.sharding.Mesh, workdir: Path) -> None:
-    host_and_device_runs("one", mesh)
+    averages("one", mesh)
 
 
 def two_averages(mesh: jax.sharding.Mesh, workdir: Path) -> None:
-    host_and_device_runs("two", mesh)
+    averages("two", mesh)
+
+
+def posthoc_trackers(mesh: jax.sharding.Mesh, workdir: Path) -> None:
+    """Post-hoc trackers in host memory: bit for bit the device ones; their snapshots,
+    written by both processes, give back a tracked width whole."""
+    host = posthoc.trackers(batch_size=4, memory_kind="pinned_host")
+    with posthoc.Snapshots(workdir / "snapshots", snapshot_every=2) as snapshots:
+        sh = host_and_device_runs(
+            host,
+            posthoc.trackers(batch_size=4),
+            mesh,
+            4,
+            lambda state: snapshots.save(state, ema=host),
+        )
+        snapshots.wait_until_finished()
+        assert snapshots.steps() == [2, 4], snapshots.steps()
+    # A tracked width at the last snapshot gets all the weight (within 1e-9,
+    # test_posthoc.py): the whole average, rounded to float32 (values below 2).
+    got = posthoc.reconstruct(workdir / "snapshots", 0.1)
+    j = host.index("0.1")
+    for k in VALUES:
+        for s in sh.ema[k].addressable_shards:
+            want = np.asarray(s.data)[..., j]
+            np.testing.assert_allclose(got[k][s.index[:-1]], want, rtol=0, atol=4 * EPS32)
+
+
+def nnx_ema(mesh: jax.sharding.Mesh, workdir: Path) -> None:
+    """``ema_jax.nnx.Ema`` of a model split over both processes: its averages stay pinned,
+    with the model's spec, and equal the on-device ``Ema``'s bit for bit."""
+    with jax.set_mesh(mesh):
+        model = nnx.Linear(
+            64,
+            32,
+            kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), ("data", "model")),
+            bias_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("model",)),
+            rngs=nnx.Rngs(0),
+        )
+        host = Ema(model, ema_jax.ema(schedules.constant(0.9), memory_kind="pinned_host"))
+        dev = Ema(model, ema_jax.ema(schedules.constant(0.9)))
+
+        @nnx.jit(donate_argnums=(1, 2))
+        def update(model: nnx.Linear, host: Ema, dev: Ema) -> None:
+            host.update(model)
+            dev.update(model)
+            for v in (model.kernel, model.bias):  # the next step's weights
+                v.set_value(v.get_value() * 0.9 + 0.05)
+
+        for _ in range(3):
+            update(model, host, dev)
+    assert int(host.ema_state.step) == 3
+    for k in ("kernel", "bias"):
+        e, p = host.params[k].get_value(), getattr(model, k).get_value()
+        assert e.sharding.memory_kind == "pinned_host", (k, e.sharding)
+        assert e.sharding.spec == p.sharding.spec, (k, e.sharding, p.sharding)
+        assert_own_shards(e, p, k)
+        assert_same_shards(e, dev.params[k].get_value(), k)
+        for a, b in zip(e.addressable_shards, p.addressable_shards, strict=True):
+            assert not np.array_equal(np.asarray(a.data), np.asarray(b.data)), k  # it lags
 
 
 def train_state_recipe(
@@ -233,6 +316,16 @@ def device_out_shardings_raise(mesh: jax.sharding.Mesh, workdir: Path) -> None:
         raise AssertionError("an EMA of memory_kind='pinned_host' in device memory updated")
 
 
+CHECKS = (
+    one_average,
+    two_averages,
+    posthoc_trackers,
+    nnx_ema,
+    linen_checkpoint,
+    device_out_shardings_raise,
+)
+
+
 def main(phase: str, process_id: int, port: int, workdir: Path) -> None:
     assert phase == "memory", phase
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -247,7 +340,7 @@ def main(phase: str, process_id: int, port: int, workdir: Path) -> None:
     assert jax.local_device_count() == 4, jax.local_devices()
     mesh = jax.make_mesh(*MESH)
     start = time.monotonic()
-    for check in (one_average, two_averages, linen_checkpoint, device_out_shardings_raise):
+    for check in CHECKS:
         check(mesh, workdir)
         print(
             f"process {process_id}: {check.__name__} ok ({time.monotonic() - start:.1f} s)",
