@@ -74,8 +74,8 @@ def check_placed(tree: Any, kind: str, name: str) -> None:
                 f"{name}{jax.tree_util.keystr(path)} is in {where} memory, but the EMA's"
                 f" memory_kind is {kind!r}: give the EMA's leaves shardings with"
                 f" memory_kind={kind!r} (sharding.with_memory_kind({kind!r})) in the"
-                " out_shardings of the jax.jit that creates, restores or updates the state,"
-                " or let ema.init place them (no out_shardings for them)"
+                " out_shardings of the jax.jit that creates or updates the state and in a"
+                " restore target's shardings, or let ema.init place them (no out_shardings)"
             )
 
 
