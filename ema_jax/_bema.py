@@ -220,6 +220,9 @@ class Bema:
                 f"state must be the BemaState that init returned, got {type(state).__name__}"
                 " (the order is update(params, state))"
             )
+        if self.memory_kind is not None:  # each buffer named (the core checks only mean)
+            for name in ("ema", "mean", "theta0"):
+                _memory.check_placed(getattr(state, name), self.memory_kind, f"state.{name}")
         i = jnp.asarray(state.step, jnp.int32)
         core = self.core.update(params, EmaState(state.step, state.mean, state.nonfinite_updates))
         params = _trees.check_params_match(params, state.ema)

@@ -52,6 +52,33 @@ def place(e: Any, p: Any, kind: str) -> Any:
     return jax.device_put(e, p.sharding.with_memory_kind(kind))
 
 
+def check_placed(tree: Any, kind: str, name: str) -> None:
+    """Raises ``ValueError`` at the first leaf of ``tree`` that is not in memory ``kind``.
+
+    Called by the update, on concrete arrays and under ``jit`` alike (a tracer's type
+    carries its memory space). A state built under ``jax.jit`` with ``out_shardings``
+    that lack a memory kind lands in device memory, and an update traced with such
+    ``out_shardings`` keeps it there: without this check the EMA would silently stay
+    on the device.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> check_placed({"w": jnp.ones(2)}, "device", "state.ema")  # where it should be
+    """
+    want = _space(kind)
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        got = jax.typeof(x).memory_space
+        if got != want and got != jax.memory.Space.Any:
+            where = "host" if got == jax.memory.Space.Host else "device"
+            raise ValueError(
+                f"{name}{jax.tree_util.keystr(path)} is in {where} memory, but the EMA's"
+                f" memory_kind is {kind!r}: give the EMA's leaves shardings with"
+                f" memory_kind={kind!r} (sharding.with_memory_kind({kind!r})) in the"
+                " out_shardings of the jax.jit that creates or updates the state and in a"
+                " restore target's shardings, or let ema.init place them (no out_shardings)"
+            )
+
+
 def _space(kind: str) -> Any:
     return jax.memory.Space.Device if kind == "device" else jax.memory.Space.Host
 

@@ -309,6 +309,8 @@ class Ema:
                 f" {jnp.shape(state.step)} and dtype {step_dtype}"
             )
         params = _trees.check_params_match(params, state.ema, stacked=self.several)
+        if self.memory_kind is not None:
+            _memory.check_placed(state.ema, self.memory_kind, "state.ema")
         step = _safe_increment(state.step)
         i = jnp.asarray(state.step, jnp.int32)
         plan = self._plan(i)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from jax.sharding import SingleDeviceSharding
 from support import check_device_result
 from support import memory_worker
 from support import run_device_worker
@@ -111,6 +112,40 @@ def test_bad_memory_kind_lists_the_kinds_the_backend_has(kind, text):
         ema_jax.ema(schedules.constant(0.9), memory_kind=kind)
     if "backend" in text:
         assert "'device', 'pinned_host', 'unpinned_host'" in str(info.value)
+
+
+def _moved(state, kind: str):
+    """``state`` with every EMA-sized buffer moved to memory ``kind`` (its step kept)."""
+    sharding = SingleDeviceSharding(jax.devices()[0], memory_kind=kind)
+    fields = [f for f in ("ema", "mean", "theta0") if f in state._fields]
+    return state._replace(**{f: jax.device_put(getattr(state, f), sharding) for f in fields})
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_an_ema_outside_its_memory_kind_is_refused_not_kept_there(jit):
+    # A state created under jax.jit with out_shardings that lack memory_kind lands in
+    # device memory; an update traced with such out_shardings would keep it there.
+    host = ema_jax.ema(schedules.constant(0.9), memory_kind="pinned_host")
+    on_device = _moved(host.init(PARAMS), "device")
+    update = jax.jit(host.update) if jit else host.update
+    with pytest.raises(ValueError, match=re.escape("state.ema['b'] is in device memory")) as info:
+        update(PARAMS, on_device)
+    assert "with_memory_kind('pinned_host')" in str(info.value)
+    dev = ema_jax.ema(schedules.constant(0.9), memory_kind="device")
+    with pytest.raises(ValueError, match=re.escape("state.ema['b'] is in host memory")):
+        dev.update(PARAMS, _moved(dev.init(PARAMS), "pinned_host"))
+
+
+@pytest.mark.bad_input
+def test_a_bema_outside_its_memory_kind_names_the_buffer():
+    host = ema_jax.bema(update_period=2, memory_kind="pinned_host")
+    state = host.init(PARAMS)
+    theta0 = jax.device_put(state.theta0, SingleDeviceSharding(jax.devices()[0]))
+    with pytest.raises(ValueError, match=re.escape("state.theta0['b'] is in device memory")):
+        host.update(PARAMS, state._replace(theta0=theta0))
+    with pytest.raises(ValueError, match=re.escape("state.ema['b'] is in device memory")):
+        host.update(PARAMS, _moved(state, "device"))
 
 
 def _trained(ema, steps: int = 6):

@@ -2,7 +2,9 @@
 
 Each phase starts both processes of support/multihost_worker.py with 2 CPU devices each,
 joined by jax.distributed over gloo; the EMA restored by fresh processes must be
-bit-identical to the one saved. Every process runs in its own session, under a
+bit-identical to the one saved. A host-resident EMA (``memory_kind="pinned_host"``) runs
+in both processes of support/multihost_memory_worker.py, with 4 CPU devices each.
+Every process runs in its own session, under a
 and is killed with its group as soon as the other fails (it would wait for its peer
 in a collective); otherwise both are waited for, however long a loaded machine takes.
 """
@@ -20,11 +22,16 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from support import multihost_memory_worker
 from support import multihost_worker
 from support import sharded
 
 WORKER = Path(multihost_worker.__file__)
-pytestmark = pytest.mark.slow  # both phases together take about 15 s on 2 free cores
+MEMORY_WORKER = Path(multihost_memory_worker.__file__)
+# The train and restore phases take about 15 s together on 2 free cores; the memory
+# phase took 32 s against their 53 s in one run on 2 busy cores (load 5). One group, so
+# that no two pairs of processes share the cores.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multihost")]
 
 
 def free_port() -> int:
@@ -33,13 +40,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_phase(phase: str, workdir: Path) -> float:
-    """Runs both processes of ``phase``; fails with their output if either fails."""
+def run_phase(phase: str, workdir: Path, worker: Path = WORKER, devices: int = 2) -> float:
+    """Runs both processes of ``phase`` (``devices`` CPU devices each); fails with their
+    output if either fails."""
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
     env = dict(
         os.environ,
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2",
-        PYTHONPATH=os.pathsep.join([str(WORKER.parents[2]), str(WORKER.parents[1])]),
+        XLA_FLAGS=flags,
+        PYTHONPATH=os.pathsep.join([str(worker.parents[2]), str(worker.parents[1])]),
     )
     port = free_port()
     logs = [workdir / f"{phase}_{i}.log" for i in range(2)]
@@ -50,7 +59,7 @@ def run_phase(phase: str, workdir: Path) -> float:
             with log.open("w") as out:
                 procs.append(
                     subprocess.Popen(
-                        [sys.executable, str(WORKER), phase, str(i), str(port), str(workdir)],
+                        [sys.executable, str(worker), phase, str(i), str(port), str(workdir)],
                         stdout=out,
                         stderr=subprocess.STDOUT,
                         env=env,
@@ -99,3 +108,12 @@ def test_two_processes_train_save_and_restore_the_same_ema(tmp_path):
         np.testing.assert_allclose(saved[path], value, rtol=1e-5, atol=1e-6, err_msg=path)
     # Fresh processes restore it onto another layout, bit for bit (checked there).
     run_phase("restore", tmp_path)
+
+
+def test_two_processes_keep_a_pinned_host_ema_on_the_host_through_a_checkpoint(tmp_path):
+    """Each process checks its own shards (support/multihost_memory_worker.py): the EMA in
+    pinned host memory with the parameters' spec, one average and two, through init, 20
+    jitted donated updates, save_checkpoint and a verified restore_checkpoint, in
+    post-hoc trackers and their snapshots, and in ema_jax.nnx.Ema; bit for bit the
+    on-device EMA; out_shardings that put it on the device raise."""
+    run_phase("memory", tmp_path, worker=MEMORY_WORKER, devices=4)
