@@ -50,35 +50,40 @@ def _rank(f: Data) -> float:
 
 
 def headline(data: Mapping[str, Data]) -> str:
-    """The answer, one bullet per setting (final test accuracy, held out over seeds)."""
+    """The answer, one bullet per setting: the ranking by accuracy and by cross-entropy."""
     lines = ["**One setting per family, chosen once and kept across batch sizes and lengths:**", ""]
     for d in data.values():
-        a = d["summary"]["accuracy"]
-        order = a["ranking"]
+        a, n = d["summary"]["accuracy"], d["summary"]["nll"]
+        order, by_nll = a["ranking"], n["ranking"]
         first, second, last = a[order[0]], a[order[1]], a[order[-1]]
-        gain = max(a["ema_gain"])
         how = "on average (one seed)" if first["held_out_loss"] is None else "held out"
         lines.append(
             f"- {d['meta']['setting_title']}: the most invariant family is **{order[0]}**"
             f" ({how} it lost {_pct(_rank(first))} points of final test accuracy against"
-            f" each configuration's best setting; {order[1]} {_pct(_rank(second))}), the least"
-            f" {order[-1]} ({_pct(_rank(last))}). The best average of any family beat the raw"
-            f" weights by at most {_pct(gain)} points."
+            f" each configuration's best setting; {order[1]} {_pct(_rank(second))}), the"
+            f" least {order[-1]} ({_pct(_rank(last))}). By test cross-entropy:"
+            f" **{by_nll[0]}** ({_pct(_rank(n[by_nll[0]]), 4)} nats), then {by_nll[1]}"
+            f" ({_pct(_rank(n[by_nll[1]]), 4)}); the least {by_nll[-1]}"
+            f" ({_pct(_rank(n[by_nll[-1]]), 4)}). The best average of any family beat the"
+            f" raw weights by at most {_pct(max(a['ema_gain']))} points."
         )
     return "\n".join(lines)
 
 
 def verdict(data: Mapping[str, Data]) -> str:
-    """Every family in both settings: held-out, mean and worst loss (accuracy points)."""
+    """Every family in both settings: held-out, mean and worst loss; held-out cross-entropy."""
     names = list(data)
-    head = "| family | knob |" + "".join(f" {SHORT[n]}: held out | mean | worst |" for n in names)
-    lines = [head, "|---|---|" + "---:|---:|---:|" * len(names)]
+    head = "| family | knob |" + "".join(
+        f" {SHORT[n]}: held out | mean | worst | cross-entropy held out |" for n in names
+    )
+    lines = [head, "|---|---|" + "---:|---:|---:|---:|" * len(names)]
     for f in _families(data[names[0]]):
         cells = []
         for n in names:
             s = data[n]["summary"]["accuracy"][f["name"]]
+            held = data[n]["summary"]["nll"][f["name"]]["held_out_loss"]
             losses = (s["held_out_loss"], s["loss_mean"], s["loss_max"])
-            cells.append("".join(f" {_pct(v)} |" for v in losses))
+            cells.append("".join(f" {_pct(v)} |" for v in losses) + f" {_pct(held, 4)} |")
         lines.append(f"| {f['name']} | {f['label']} |" + "".join(cells))
     return "\n".join(lines)
 
@@ -87,14 +92,17 @@ def theory(data: Mapping[str, Data], nqm: Data) -> str:
     """Each family's rank in the digits sweeps next to the noisy quadratic model's."""
     names = list(data)
     head = "| family |" + "".join(
-        f" {SHORT[n]}: digits rank | NQM ({NQM_POLICY[n]}) rank | NQM held-out excess loss |"
+        f" {SHORT[n]}: digits rank, accuracy | cross-entropy | NQM ({NQM_POLICY[n]}) rank"
+        " | NQM held-out excess loss |"
         for n in names
     )
-    lines = [head, "|---|" + "---:|---:|---:|" * len(names)]
+    lines = [head, "|---|" + "---:|---:|---:|---:|" * len(names)]
     for f in _families(data[names[0]]):
         cells = []
         for n in names:
-            digits_rank = data[n]["summary"]["accuracy"]["ranking"].index(f["name"]) + 1
+            s = data[n]["summary"]
+            by_acc = s["accuracy"]["ranking"].index(f["name"]) + 1
+            by_nll = s["nll"]["ranking"].index(f["name"]) + 1
             summary = nqm["summary"][NQM_POLICY[n]]
             key = NQM_NAME.get(f["name"], f["name"])
             if key in summary["ranking"]:
@@ -102,7 +110,7 @@ def theory(data: Mapping[str, Data], nqm: Data) -> str:
                 held = f"+{summary['families'][key]['held_out_excess']:.1%}"
             else:
                 rank, held = "not modelled", ""
-            cells.append(f" {digits_rank} | {rank} | {held} |")
+            cells.append(f" {by_acc} | {by_nll} | {rank} | {held} |")
         lines.append(f"| {f['name']} |" + "".join(cells))
     return "\n".join(lines)
 
