@@ -414,10 +414,13 @@ class Ema:
                 return new
             if e.size:
                 counted.append(p)
-            # e + (e - e) is e for finite e (its sign of zero aside), but LLVM cannot prove
-            # it: selecting e itself into the donated buffer becomes a masked store
-            # (vmaskmovps), slow on x86; this way the loop stores every entry.
-            return jnp.where(jnp.isfinite(new), new, e + (e - e))
+            # e + 0 is e (a -0.0 comes back as +0.0), but neither XLA (behind the barrier)
+            # nor LLVM folds it: selecting e itself into the donated buffer becomes a
+            # masked store (vmaskmovps), slow on x86; this way the loop stores every entry,
+            # with one vector add more than the unguarded blend's besides the test and the
+            # select (benchmarks/README.md).
+            zero = jax.lax.optimization_barrier(jnp.zeros((), e.dtype))
+            return jnp.where(jnp.isfinite(new), new, e + zero)
 
         p_leaves = jax.tree.leaves(params)
         e_leaves, treedef = jax.tree.flatten(ema)
