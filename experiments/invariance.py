@@ -11,9 +11,10 @@ the raw weights. Then compares each family's one global setting against the best
 each configuration (``invariance_report.py``).
 
 Run (not part of the test suite):
-  python experiments/invariance.py                  # both settings (about an hour on 2 cores)
-  python experiments/invariance.py --setting bn_cos # one setting
-  python experiments/invariance.py --quick          # 2x2 configurations, one seed, coarse grids
+  python experiments/invariance.py                  # both settings (~50 min on 2 shared cores)
+  python experiments/invariance.py --setting bn_cos # one setting (~25 min)
+  python experiments/invariance.py --quick          # 2x2 configurations, one seed, coarse
+                                                    # grids (~6 min on 2 shared cores)
   python experiments/invariance.py --write-doc      # docs/invariance.md from the JSON
   python experiments/invariance.py --check-doc      # exit 1 if the doc is out of date
   python experiments/invariance.py --summarize      # the JSONs' summaries and plots, again

@@ -10,8 +10,10 @@ comparison reads ``experiments/results/nqm.json``.
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import re
+import statistics
 from collections.abc import Mapping
 from typing import Any
 
@@ -49,41 +51,99 @@ def _rank(f: Data) -> float:
     return f["loss_mean"] if f["held_out_loss"] is None else f["held_out_loss"]
 
 
+def _unit(metric: str) -> str:
+    return "millinats" if metric == "nll" else "points"
+
+
+def _se(f: Data) -> float | None:
+    """The held-out loss's standard error over the left-out seeds."""
+    losses = f["held_out_losses"]
+    if not losses or len(losses) < 2:
+        return None
+    return float(statistics.stdev(losses) / math.sqrt(len(losses)))
+
+
+def _paired(first: Data, last: Data) -> tuple[float, float] | None:
+    """Held-out loss of ``last`` minus ``first``, and its standard error, paired by seed."""
+    if not first["held_out_losses"] or len(first["held_out_losses"]) < 2:
+        return None
+    diff = [b - a for a, b in zip(first["held_out_losses"], last["held_out_losses"], strict=True)]
+    return statistics.fmean(diff), statistics.stdev(diff) / math.sqrt(len(diff))
+
+
+def _held(f: Data, metric: str) -> str:
+    """The held-out loss ± its standard error, in the metric's display unit."""
+    se = _se(f)
+    value = _loss(_rank(f), metric)
+    return value if se is None else f"{value} ± {_loss(se, metric)}"
+
+
+def _ranking_sentence(m: Data, metric: str) -> str:
+    """First and last family by held-out loss, and whether their gap is beyond the noise."""
+    order = m["ranking"]
+    first, last = m[order[0]], m[order[-1]]
+    what = "test cross-entropy" if metric == "nll" else "final test accuracy"
+    text = (
+        f"by {what}, **{order[0]}** ({_held(first, metric)} {_unit(metric)}) and the least"
+        f" {order[-1]} ({_held(last, metric)})"
+    )
+    paired = _paired(first, last)
+    if paired is not None:
+        diff, se = paired
+        beyond = "beyond" if diff > 2 * se else "within"
+        text += (
+            f": {_loss(diff, metric)} ± {_loss(se, metric)} apart, paired over the left-out"
+            f" seeds, {beyond} two standard errors"
+        )
+    return text
+
+
 def headline(data: Mapping[str, Data]) -> str:
-    """The answer, one bullet per setting: the ranking by accuracy and by cross-entropy."""
-    lines = ["**One setting per family, chosen once and kept across batch sizes and lengths:**", ""]
+    """The answer per setting: the most and least invariant family by each metric."""
+    lines = [
+        "**The most invariant family, held out (its one setting's loss against each"
+        " configuration's best, ± its standard error over seeds):**",
+        "",
+    ]
     for d in data.values():
         a, n = d["summary"]["accuracy"], d["summary"]["nll"]
-        order, by_nll = a["ranking"], n["ranking"]
-        first, second, last = a[order[0]], a[order[1]], a[order[-1]]
-        how = "on average (one seed)" if first["held_out_loss"] is None else "held out"
         lines.append(
-            f"- {d['meta']['setting_title']}: the most invariant family is **{order[0]}**"
-            f" ({how} it lost {_pct(_rank(first))} points of final test accuracy against"
-            f" each configuration's best setting; {order[1]} {_pct(_rank(second))}), the"
-            f" least {order[-1]} ({_pct(_rank(last))}). By test cross-entropy:"
-            f" **{by_nll[0]}** ({_pct(_rank(n[by_nll[0]]), 4)} nats), then {by_nll[1]}"
-            f" ({_pct(_rank(n[by_nll[1]]), 4)}); the least {by_nll[-1]}"
-            f" ({_pct(_rank(n[by_nll[-1]]), 4)}). The best average of any family beat the"
-            f" raw weights by at most {_pct(max(a['ema_gain']))} points."
+            f"- {d['meta']['setting_title']}: {_ranking_sentence(n, 'nll')};"
+            f" {_ranking_sentence(a, 'accuracy')}. The best average of any family beat the"
+            f" raw weights by {_pct(a['ema_gain_mean'])} points and"
+            f" {_loss(n['ema_gain_mean'], 'nll')} millinats on average."
         )
     return "\n".join(lines)
 
 
+def _share(metric: Data, family: str) -> str:
+    """A family's held-out (or mean) loss as a share of the best EMA's mean gain over raw."""
+    gain = metric["ema_gain_mean"]
+    return f"{_rank(metric[family]) / gain:.1%}" if gain > 0 else "n/a"
+
+
 def verdict(data: Mapping[str, Data]) -> str:
-    """Every family in both settings: held-out, mean and worst loss; held-out cross-entropy."""
+    """Every family in both settings: held-out cross-entropy and accuracy losses."""
     names = list(data)
     head = "| family | knob |" + "".join(
-        f" {SHORT[n]}: held out | mean | worst | cross-entropy held out |" for n in names
+        f" {SHORT[n]}: cross-entropy held out (millinats) | its share of the gain"
+        " | minus the most invariant's, paired | accuracy held out (points) | mean | worst |"
+        for n in names
     )
-    lines = [head, "|---|---|" + "---:|---:|---:|---:|" * len(names)]
+    lines = [head, "|---|---|" + "---:|---:|---:|---:|---:|---:|" * len(names)]
     for f in _families(data[names[0]]):
         cells = []
         for n in names:
             s = data[n]["summary"]["accuracy"][f["name"]]
-            held = data[n]["summary"]["nll"][f["name"]]["held_out_loss"]
-            losses = (s["held_out_loss"], s["loss_mean"], s["loss_max"])
-            cells.append("".join(f" {_pct(v)} |" for v in losses) + f" {_pct(held, 4)} |")
+            x = data[n]["summary"]["nll"][f["name"]]
+            nll = data[n]["summary"]["nll"]
+            share = _share(nll, f["name"])
+            paired = _paired(nll[nll["ranking"][0]], x)
+            gap = "n/a" if paired is None else " ± ".join(_loss(v, "nll") for v in paired)
+            cells.append(
+                f" {_held(x, 'nll')} | {share} | {gap} | {_held(s, 'accuracy')} |"
+                f" {_pct(s['loss_mean'])} | {_pct(s['loss_max'])} |"
+            )
         lines.append(f"| {f['name']} | {f['label']} |" + "".join(cells))
     return "\n".join(lines)
 
@@ -159,56 +219,66 @@ def setup(d: Data) -> str:
 
 
 def family_table(d: Data) -> str:
-    """Per family: its global setting, its losses (accuracy and cross-entropy), the edges."""
+    """Per family and metric: the global setting, the losses (mean, worst, held out), edges."""
     s = d["summary"]
     lines = [
-        "| family | global setting | mean loss | worst loss | where | held out"
-        " | cross-entropy held out (nats) | best at the grid's edge |",
-        "|---|---:|---:|---:|---|---:|---:|---:|",
+        "| family | metric | global setting | mean loss | worst loss | where | held out"
+        " | best at the grid's edge |",
+        "|---|---|---:|---:|---:|---|---:|---:|",
     ]
     for f in _families(d):
-        a, n = s["accuracy"][f["name"]], s["nll"][f["name"]]
-        lines.append(
-            f"| {f['name']} | {_setting(a['global_setting'])} | {_pct(a['loss_mean'])}"
-            f" | {_pct(a['loss_max'])} | {_where(s, a['loss_argmax'])}"
-            f" | {_pct(a['held_out_loss'])} | {_pct(n['held_out_loss'], 4)}"
-            f" | {a['best_at_edge']} of {len(s['configs'])} |"
-        )
+        for metric in ("nll", "accuracy"):
+            m = s[metric][f["name"]]
+            lines.append(
+                f"| {f['name']} | {_unit(metric)} | {_setting(m['global_setting'])}"
+                f" | {_loss(m['loss_mean'], metric)} | {_loss(m['loss_max'], metric)}"
+                f" | {_where(s, m['loss_argmax'])} | {_held(m, metric)}"
+                f" | {m['best_at_edge']} of {len(s['configs'])} |"
+            )
     return "\n".join(lines)
 
 
-def axis_table(d: Data) -> str:
+def _loss(v: float | None, metric: str) -> str:
+    """Accuracy losses in points; cross-entropy losses in millinats (1e-3 nats)."""
+    return _pct(None if v is None else 1000.0 * v, 2) if metric == "nll" else _pct(v, 2)
+
+
+def axis_table(d: Data, metric: str) -> str:
     """Mean loss of each family's global setting per batch size and per schedule length."""
-    s, meta = d["summary"]["accuracy"], d["meta"]
+    s, meta = d["summary"][metric], d["meta"]
     families = [f["name"] for f in _families(d)]
     lines = ["| | " + " | ".join(families) + " |", "|---|" + "---:|" * len(families)]
     for axis, key in (("batch_size", "batch_sizes"), ("epochs", "epochs")):
         for i, v in enumerate(meta[key]):
             label = f"batch {v}" if axis == "batch_size" else f"{v} epochs"
             losses = [s[f]["by_axis"][axis][i] for f in families]
-            lines.append(f"| {label} | " + " | ".join(_pct(x) for x in losses) + " |")
+            lines.append(f"| {label} | " + " | ".join(_loss(x, metric) for x in losses) + " |")
     return "\n".join(lines)
 
 
 def config_table(d: Data) -> str:
-    """Per configuration: the raw weights, the best average, and each family's best half-life."""
-    s = d["summary"]["accuracy"]
+    """Per configuration: the raw weights, the best average's gain, each family's best half-life.
+
+    The best settings by cross-entropy (they move less with the noise than accuracy's).
+    """
+    a, n = d["summary"]["accuracy"], d["summary"]["nll"]
     families = [f["name"] for f in _families(d)]
     lines = [
-        "| batch | epochs | raw | best average: gain | "
-        + " | ".join(f"{f}: best half-life" for f in families)
-        + " |",
-        "|---:|---:|---:|---:|" + "---:|" * len(families),
+        "| batch | epochs | raw accuracy | best average: gain | raw cross-entropy (nats)"
+        " | gain (millinats) | " + " | ".join(families) + " |",
+        "|---:|---:|---:|---:|---:|---:|" + "---:|" * len(families),
     ]
     for c, cfg in enumerate(d["summary"]["configs"]):
         cells = []
         for f in families:
-            h = s[f]["best_half_life_fraction"][c]
+            h = n[f]["best_half_life_fraction"][c]
             cells.append("n/a" if h is None else f"{h:.1%}")
         lines.append(
             f"| {cfg['batch_size']} | {cfg['epochs']}"
-            f" | {_pct(s['raw_mean'][c])} ± {_pct(s['raw_std'][c])}"
-            f" | +{_pct(s['ema_gain'][c])} | " + " | ".join(cells) + " |"
+            f" | {_pct(a['raw_mean'][c])} ± {_pct(a['raw_std'][c])} | +{_pct(a['ema_gain'][c])}"
+            f" | {n['raw_mean'][c]:.4f} | {_loss(n['ema_gain'][c], 'nll')} | "
+            + " | ".join(cells)
+            + " |"
         )
     return "\n".join(lines)
 
@@ -237,8 +307,8 @@ def exact_table(d: Data) -> str:
 
 
 def findings(d: Data) -> str:
-    """Where each family breaks: its worst axis value, as bullets computed from the tables."""
-    s, meta = d["summary"]["accuracy"], d["meta"]
+    """Where each family breaks, by cross-entropy: its best settings' spread, its worst axes."""
+    s, meta = d["summary"]["nll"], d["meta"]
     lines = []
     for f in _families(d):
         fam = s[f["name"]]
@@ -249,10 +319,10 @@ def findings(d: Data) -> str:
         lines.append(
             f"- **{f['name']}**: best settings {min(fam['best_setting']):.3g} to"
             f" {max(fam['best_setting']):.3g} over the configurations (global"
-            f" {_setting(fam['global_setting'])}, {len(set(best))} distinct); its global"
+            f" {_setting(fam['global_setting'])}, {len(set(best))} distinct values); its global"
             f" setting lost most at batch {meta['batch_sizes'][b]}"
-            f" ({_pct(by['batch_size'][b])} on average there) and at"
-            f" {meta['epochs'][e]} epochs ({_pct(by['epochs'][e])})."
+            f" ({_loss(by['batch_size'][b], 'nll')} millinats on average there) and at"
+            f" {meta['epochs'][e]} epochs ({_loss(by['epochs'][e], 'nll')})."
         )
     return "\n".join(lines)
 
@@ -265,7 +335,8 @@ def blocks(data: Mapping[str, Data], nqm: Data | None = None) -> dict[str, str]:
     for name, d in data.items():
         out[f"setup_{name}"] = setup(d)
         out[f"families_{name}"] = family_table(d)
-        out[f"by_axis_{name}"] = axis_table(d)
+        out[f"by_axis_{name}"] = axis_table(d, "accuracy")
+        out[f"by_axis_nll_{name}"] = axis_table(d, "nll")
         out[f"configs_{name}"] = config_table(d)
         out[f"findings_{name}"] = findings(d)
         out[f"exact_{name}"] = exact_table(d)

@@ -14,6 +14,9 @@ Definitions (``docs/invariance.md`` states them too):
   setting has the best average of ``mean[c][s]`` over configurations; the *loss* of
   ``c`` is how much worse the global setting is than the best, in the metric's units
   (points of accuracy, nats), never negative.
+- The *share of the gain* is a loss over the mean gain of the best average of
+  any family over the raw weights: the part of what an EMA can give that one setting
+  gives up.
 - The *held-out loss* is the same difference with both settings chosen on all seeds
   but one and measured on that one, averaged over the left-out seed: no selection bias
   (it can be negative).
@@ -48,10 +51,10 @@ def per_seed(run: Mapping[str, Any], metric: str, test_size: int) -> np.ndarray:
     return -np.asarray(run["nll"], dtype=np.float64)
 
 
-def _held_out_loss(acc: np.ndarray) -> float | None:
-    """Leave-one-seed-out loss, averaged over configurations; acc is (config, seed, setting).
+def _held_out_losses(acc: np.ndarray) -> list[float] | None:
+    """Leave-one-seed-out losses, one per left-out seed, each averaged over configurations.
 
-    None with a single seed: nothing is left to choose on.
+    ``acc`` is (config, seed, setting). None with a single seed: nothing is left to choose on.
     """
     seeds = acc.shape[1]
     if seeds < 2:
@@ -62,8 +65,8 @@ def _held_out_loss(acc: np.ndarray) -> float | None:
         best = rest.argmax(axis=1)
         glob = rest.mean(axis=0).argmax()
         out = acc[:, held, :]
-        losses.append(np.mean(out[np.arange(len(out)), best] - out[:, glob]))
-    return float(np.mean(losses))
+        losses.append(float(np.mean(out[np.arange(len(out)), best] - out[:, glob])))
+    return losses
 
 
 def _by_axis(loss: np.ndarray, configs: list[dict[str, int]], meta: Mapping[str, Any]) -> Any:
@@ -89,7 +92,7 @@ def _family(
     diff = acc[rows, :, best] - acc[:, :, glob]  # paired over seeds
     seeds = acc.shape[1]
     se = diff.std(axis=1, ddof=1) / math.sqrt(seeds) if seeds > 1 else diff[:, 0] * 0
-    held = _held_out_loss(acc)
+    held = _held_out_losses(acc)
     last = len(grid) - 1
     return {
         "mean": (sign * mean).tolist(),
@@ -106,7 +109,10 @@ def _family(
         "loss_mean": float(loss.mean()),
         "loss_max": float(loss.max()),
         "loss_argmax": int(loss.argmax()),
-        "held_out_loss": held,
+        "held_out_loss": None if held is None else float(np.mean(held)),
+        # Per left-out seed: their spread is the held-out loss's noise (paired across
+        # families, which share the seeds).
+        "held_out_losses": held,
         "best_half_life_fraction": [hl[c][best[c]] for c in rows],
         "global_half_life_fraction": [hl[c][glob] for c in rows],
     }
@@ -138,6 +144,7 @@ def analyze(data: Mapping[str, Any]) -> dict[str, Any]:
             best_any = np.maximum(best_any, sign * np.asarray(family["best_mean"]))
         raw = sign * np.asarray(out["raw_mean"])
         out["ema_gain"] = (best_any - raw).tolist()  # the best average of any family vs raw
+        out["ema_gain_mean"] = float(np.mean(best_any - raw))
         out["ranking"] = sorted((f["name"] for f in meta["families"]), key=lambda k: _rank(out[k]))
         summary[metric] = out
     summary["linear_vs_exact"] = _linear_vs_exact(summary, meta, runs)
@@ -190,7 +197,7 @@ def _linear_vs_exact(
 
 
 def plot(data: Mapping[str, Any], path: str) -> None:
-    """Test accuracy vs each family's setting, one line per configuration.
+    """Each family's final test accuracy and cross-entropy vs its setting, per configuration.
 
     Each line is relative to its configuration's best setting of that family, so that
     where the optimum sits, and what a global setting (gray) costs, read off directly.
@@ -200,33 +207,38 @@ def plot(data: Mapping[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    s, meta = data["summary"]["accuracy"], data["meta"]
+    meta = data["meta"]
     batches, lengths = meta["batch_sizes"], meta["epochs"]
     colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, len(batches)))
     styles = ["-", "--", ":", "-."]
     families = meta["families"]
     cols = 4
     rows = math.ceil(len(families) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), sharey=True)
-    flat = list(np.ravel(axes))
-    for ax, family in zip(flat, families, strict=False):
-        f = s[family["name"]]
-        xs = np.asarray(family["grid"])
-        for c, cfg in enumerate(data["summary"]["configs"]):
-            color = colors[batches.index(cfg["batch_size"])]
-            style = styles[lengths.index(cfg["epochs"]) % len(styles)]
-            ys = np.asarray(f["mean"][c]) - f["best_mean"][c]
-            ax.plot(xs, ys, style, color=color, marker=".", lw=1.2)
-        ax.axvline(xs[f["global_index"]], color="gray", lw=0.8, alpha=0.6)
-        if family.get("log_scale", True):
-            ax.set_xscale("log")
-        ax.set(xlabel=family["label"], title=family["name"])
-        ax.set_ylim(-4, 0.3)
-        ax.grid(alpha=0.3)
-    for ax in flat[len(families) :]:
-        ax.axis("off")
-    for r in range(rows):
-        flat[r * cols].set_ylabel("points below the best")
+    fig, axes = plt.subplots(2 * rows, cols, figsize=(4.2 * cols, 3.3 * 2 * rows))
+    for block, metric in enumerate(METRICS):
+        s = data["summary"][metric]
+        sign = 1.0 if metric == "accuracy" else -1.0
+        flat = list(np.ravel(axes[block * rows : (block + 1) * rows]))
+        for ax, family in zip(flat, families, strict=False):
+            f = s[family["name"]]
+            xs = np.asarray(family["grid"])
+            for c, cfg in enumerate(data["summary"]["configs"]):
+                color = colors[batches.index(cfg["batch_size"])]
+                style = styles[lengths.index(cfg["epochs"]) % len(styles)]
+                ys = sign * (np.asarray(f["mean"][c]) - f["best_mean"][c])
+                ax.plot(xs, ys, style, color=color, marker=".", lw=1.2)
+            ax.axvline(xs[f["global_index"]], color="gray", lw=0.8, alpha=0.6)
+            if family.get("log_scale", True):
+                ax.set_xscale("log")
+            what = "accuracy" if metric == "accuracy" else "cross-entropy"
+            ax.set(xlabel=family["label"], title=f"{family['name']}: {what}")
+            ax.set_ylim(*((-2, 0.1) if metric == "accuracy" else (-0.01, 0.0005)))
+            ax.grid(alpha=0.3)
+        for ax in flat[len(families) :]:
+            ax.axis("off")
+        unit = "points" if metric == "accuracy" else "-nats"
+        for r in range(rows):
+            flat[r * cols].set_ylabel(f"{unit} from the best")
     handles = [
         plt.Line2D([], [], color=colors[i], label=f"batch {n}") for i, n in enumerate(batches)
     ] + [
@@ -235,9 +247,9 @@ def plot(data: Mapping[str, Any], path: str) -> None:
     ]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
     fig.suptitle(
-        f"{meta['setting_title']}: final test accuracy over seeds, relative to each"
-        " configuration's best (gray: the global setting)"
+        f"{meta['setting_title']}\nfinal test accuracy (top) and cross-entropy (bottom, negated),"
+        " mean over seeds, relative to each configuration's best (gray: the global setting)"
     )
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    fig.savefig(path, dpi=100)
+    fig.tight_layout(rect=(0, 0.03, 1, 0.98))
+    fig.savefig(path, dpi=90)
     plt.close(fig)
