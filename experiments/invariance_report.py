@@ -232,7 +232,8 @@ def plot(data: Mapping[str, Any], path: str) -> None:
                 ax.set_xscale("log")
             what = "accuracy" if metric == "accuracy" else "cross-entropy"
             ax.set(xlabel=family["label"], title=f"{family['name']}: {what}")
-            ax.set_ylim(*((-2, 0.1) if metric == "accuracy" else (-0.01, 0.0005)))
+            low = 2.0 if metric == "accuracy" else max(0.01, 0.3 * s["ema_gain_mean"])
+            ax.set_ylim(-low, 0.05 * low)
             ax.grid(alpha=0.3)
         for ax in flat[len(families) :]:
             ax.axis("off")
