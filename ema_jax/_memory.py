@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 from jax.sharding import SingleDeviceSharding
 
 HOST_KINDS = ("pinned_host",)  # the host memory kinds the update streams through the device
@@ -44,12 +46,34 @@ def check_memory_kind(kind: Any) -> str:
 
 
 def place(e: Any, p: Any, kind: str) -> Any:
-    """EMA leaf ``e`` in memory ``kind``, with parameter ``p``'s sharding otherwise."""
+    """EMA leaf ``e`` in memory ``kind``, with parameter ``p``'s sharding otherwise.
+
+    ``e`` is the EMA's copy of ``p``: its own sharding is ``p``'s (with a trailing axis
+    of averages where there are several), spelled as a jitted update spells its output.
+    """
     if isinstance(p, jax.core.Tracer) or not hasattr(p, "sharding"):
         if isinstance(e, jax.core.Tracer):  # init under jit: a memory space, no sharding
             return jax.device_put(e, _space(kind))
         return jax.device_put(e, SingleDeviceSharding(jax.devices()[0], memory_kind=kind))
-    return jax.device_put(e, p.sharding.with_memory_kind(kind))
+    sharding = e.sharding if isinstance(e.sharding, NamedSharding) else p.sharding
+    return jax.device_put(e, sharding.with_memory_kind(kind))
+
+
+def replicated(x: jax.Array, params: Any) -> jax.Array:
+    """Scalar state ``x`` replicated over the mesh of ``params``' first sharded leaf.
+
+    A jitted update returns its counters replicated over the mesh its inputs live on;
+    a state whose counters sit on one device would make it compile a second time.
+    Unchanged when no leaf has a ``NamedSharding`` on several devices (one device,
+    or ``init`` under ``jit``).
+    """
+    for p in jax.tree.leaves(params):
+        sharding = getattr(p, "sharding", None)
+        if isinstance(p, jax.core.Tracer) or not isinstance(sharding, NamedSharding):
+            continue
+        if sharding.mesh.size > 1:
+            return jax.device_put(x, NamedSharding(sharding.mesh, PartitionSpec()))
+    return x
 
 
 def check_placed(tree: Any, kind: str, name: str) -> None:

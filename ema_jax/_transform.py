@@ -279,11 +279,13 @@ class Ema:
         kind = self.memory_kind
         if kind is not None:
             ema = jax.tree.map(lambda e, p: _memory.place(e, p, kind), ema, params)
-        # Two distinct buffers: donating a state whose fields share one fails.
+        # Two distinct buffers: donating a state whose fields share one fails. On a
+        # mesh the counters are replicated over it, as a jitted update returns them, so
+        # that the update compiles once, not again on its own output.
         return EmaState(
-            step=jnp.zeros((), jnp.int32),
+            step=_memory.replicated(jnp.zeros((), jnp.int32), params),
             ema=ema,
-            nonfinite_updates=jnp.zeros((), jnp.int32),
+            nonfinite_updates=_memory.replicated(jnp.zeros((), jnp.int32), params),
         )
 
     def update(self, params: PyTree, state: EmaState) -> EmaState:

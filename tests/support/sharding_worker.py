@@ -184,6 +184,30 @@ def _(path: Path) -> None:
 # --- EmaTrainState: create and a sharded train step -----------------------------------
 
 
+@check("devices8", "a_donated_update_compiles_once_from_inits_state")
+def _(path: Path) -> None:
+    # init used to leave the counters on one device (and, host-resident, spell a leaf's
+    # sharding as the parameter's, not as the update returns it): the jitted update
+    # compiled twice, once for init's state and once for its own output.
+    fast, slow = ema_jax.schedules.constant(0.9), ema_jax.schedules.constant(0.99)
+    transforms = {
+        "one": lambda kind: ema_jax.ema(fast, memory_kind=kind),
+        "two": lambda kind: ema_jax.ema({"fast": fast, "slow": slow}, memory_kind=kind),
+        "bema": lambda kind: ema_jax.bema(update_period=1, memory_kind=kind),
+    }
+    for name in sharded.LAYOUTS:
+        params = placed_params(sharded.LAYOUTS[name])
+        for what, make in transforms.items():
+            for kind in (None, "pinned_host"):
+                ema = make(kind)
+                update = jax.jit(ema.update, donate_argnums=1)
+                state = ema.init(params)
+                for _ in range(3):
+                    state = update(params, state)
+                jax.block_until_ready(state)
+                assert update._cache_size() == 1, (name, what, kind, update._cache_size())
+
+
 @check("devices8", "create_puts_the_ema_on_the_parameters_shards")
 def _(path: Path) -> None:
     for name, layout in sharded.LAYOUTS.items():
