@@ -58,15 +58,10 @@ class Family:
         return f"{self.name}:{value:.6g}"
 
 
-def _quarter_decades(lo: float, hi: float) -> tuple[float, ...]:
-    """10**lo, 10**(lo + 0.25), ..., 10**hi."""
-    count = round((hi - lo) / 0.25) + 1
-    return tuple(10.0 ** (lo + 0.25 * i) for i in range(count))
-
-
-def _half_decades(lo: float, hi: float) -> tuple[float, ...]:
-    count = round((hi - lo) / 0.5) + 1
-    return tuple(10.0 ** (lo + 0.5 * i) for i in range(count))
+def _decades(lo: float, hi: float, step: float) -> tuple[float, ...]:
+    """10**lo, 10**(lo + step), ..., 10**hi."""
+    count = round((hi - lo) / step) + 1
+    return tuple(10.0 ** (lo + step * i) for i in range(count))
 
 
 def _pycls(rule: str) -> Callable[[float, Context], Any]:
@@ -117,29 +112,29 @@ def _bema(value: float, c: Context) -> Any:
 
 
 # sigma_rel below ~0.29 (gamma > 0); EDM2's 0.05 and 0.10 are inside.
-_SIGMA_REL = (*_quarter_decades(-2.5, -0.75), 0.25)
+_SIGMA_REL = (*_decades(-2.5, -0.75, 0.25), 0.25)
 _BEMA_POWERS = tuple(round(0.2 + 0.1 * i, 1) for i in range(9))
 
 FAMILIES: tuple[Family, ...] = (
     Family(
         "linear",
         "ema_alpha (pycls)",
-        _quarter_decades(-3.5, -0.5),
-        _half_decades(-3.5, -0.5),
+        _decades(-3.5, -0.5, 0.25),
+        _decades(-3.5, -0.5, 0.5),
         _pycls("linear"),
     ),
     Family(
         "exact",
         "ema_alpha (pycls, exact)",
-        _quarter_decades(-3.5, -0.5),
-        _half_decades(-3.5, -0.5),
+        _decades(-3.5, -0.5, 0.25),
+        _decades(-3.5, -0.5, 0.5),
         _pycls("exact"),
     ),
     Family(
         "constant",
         "1 - decay (per step)",
-        _quarter_decades(-3.5, -0.5),
-        _half_decades(-3.5, -0.5),
+        _decades(-3.5, -0.5, 0.25),
+        _decades(-3.5, -0.5, 0.5),
         _constant,
     ),
     Family(
@@ -152,15 +147,15 @@ FAMILIES: tuple[Family, ...] = (
     Family(
         "halflife",
         "half-life (samples, EDM)",
-        _quarter_decades(1.5, 4.75),
-        _half_decades(1.5, 4.5),
+        _decades(1.5, 4.75, 0.25),
+        _decades(1.5, 4.5, 0.5),
         _halflife,
     ),
     Family(
         "fraction_of_training",
         "half-life (share of training)",
-        _quarter_decades(-2.75, 0.0),
-        _half_decades(-2.5, 0.0),
+        _decades(-2.75, 0.0, 0.25),
+        _decades(-2.5, 0.0, 0.5),
         _fraction,
     ),
     Family(

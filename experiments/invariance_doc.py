@@ -17,6 +17,8 @@ import statistics
 from collections.abc import Mapping
 from typing import Any
 
+from invariance_report import rank_loss
+
 Data = Mapping[str, Any]
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NQM_JSON = ROOT / "experiments" / "results" / "nqm.json"
@@ -47,10 +49,6 @@ def _families(data: Data) -> list[dict[str, Any]]:
     return data["meta"]["families"]
 
 
-def _rank(f: Data) -> float:
-    return f["loss_mean"] if f["held_out_loss"] is None else f["held_out_loss"]
-
-
 def _unit(metric: str) -> str:
     return "millinats" if metric == "nll" else "points"
 
@@ -74,7 +72,7 @@ def _paired(first: Data, last: Data) -> tuple[float, float] | None:
 def _held(f: Data, metric: str) -> str:
     """The held-out loss ± its standard error, in the metric's display unit."""
     se = _se(f)
-    value = _loss(_rank(f), metric)
+    value = _loss(rank_loss(f), metric)
     return value if se is None else f"{value} ± {_loss(se, metric)}"
 
 
@@ -119,7 +117,7 @@ def headline(data: Mapping[str, Data]) -> str:
 def _share(metric: Data, family: str) -> str:
     """A family's held-out (or mean) loss as a share of the best EMA's mean gain over raw."""
     gain = metric["ema_gain_mean"]
-    return f"{_rank(metric[family]) / gain:.1%}" if gain > 0 else "n/a"
+    return f"{rank_loss(metric[family]) / gain:.1%}" if gain > 0 else "n/a"
 
 
 def verdict(data: Mapping[str, Data]) -> str:

@@ -145,13 +145,15 @@ def analyze(data: Mapping[str, Any]) -> dict[str, Any]:
         raw = sign * np.asarray(out["raw_mean"])
         out["ema_gain"] = (best_any - raw).tolist()  # the best average of any family vs raw
         out["ema_gain_mean"] = float(np.mean(best_any - raw))
-        out["ranking"] = sorted((f["name"] for f in meta["families"]), key=lambda k: _rank(out[k]))
+        out["ranking"] = sorted(
+            (f["name"] for f in meta["families"]), key=lambda k: rank_loss(out[k])
+        )
         summary[metric] = out
     summary["linear_vs_exact"] = _linear_vs_exact(summary, meta, runs)
     return summary
 
 
-def _rank(family: Mapping[str, Any]) -> float:
+def rank_loss(family: Mapping[str, Any]) -> float:
     """A family's place: its held-out loss, or its mean loss with one seed."""
     held = family["held_out_loss"]
     return family["loss_mean"] if held is None else held
